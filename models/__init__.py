@@ -1,0 +1,19 @@
+"""interpretable-zoo models: create_model, list_models and the model classes."""
+from .backbones import Backbone, ReceptiveField, UnknownBackboneError
+from .base import Explanation, InterpretableClassifier, NonFiniteLossError
+from .cam import CAMNet
+from .registry import create_model, is_model, list_models, register_model
+
+__all__ = [
+    "Backbone",
+    "CAMNet",
+    "Explanation",
+    "InterpretableClassifier",
+    "NonFiniteLossError",
+    "ReceptiveField",
+    "UnknownBackboneError",
+    "create_model",
+    "is_model",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,221 @@
+"""The shared LightningModule of the zoo and the common `Explanation` form.
+
+Every model takes float images in [0, 1] (normalisation is its first layer), returns logits, and
+explains its own decision with `explain()`. Batches are dicts with at least ``"image"`` and
+``"label"`` (a plain ``(images, labels)`` tuple works too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Explanation",
+    "InterpretableClassifier",
+    "Normalize",
+    "NonFiniteLossError",
+    "unpack_batch",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; the message names the term and the step."""
+
+
+@dataclass
+class Explanation:
+    """What every model's `explain()` returns.
+
+    Attributes:
+        logits: (B, K) class scores.
+        target: (B,) the explained class of each image.
+        heatmap: (B, H, W) evidence for the target class at input resolution (higher = more evidence).
+        evidence: family-specific details (prototype ids and patches, decision paths, part maps, ...).
+    """
+
+    logits: Tensor
+    target: Tensor
+    heatmap: Tensor
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prediction(self) -> Tensor:
+        return self.logits.argmax(dim=1)
+
+
+class Normalize(nn.Module):
+    """Per-channel normalisation as a layer, so the model sees images in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    """(images, labels) from a dict batch or a (images, labels, ...) tuple."""
+    if isinstance(batch, dict):
+        return batch["image"], batch["label"]
+    return batch[0], batch[1]
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+class InterpretableClassifier(pl.LightningModule):
+    """Base class: metrics, parameter groups with their own learning rates, and the `explain` contract.
+
+    Args:
+        num_classes: number of classes K.
+        mean, std: normalisation applied inside the model.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (plain names keep checkpoints weights-only safe).
+        lr: learning rate of every parameter group not named in `group_lr`.
+        group_lr: learning rate per parameter group name (see `parameter_groups`).
+        weight_decay: weight decay of every group.
+        momentum: for SGD.
+        scheduler: ``"none"``, ``"cosine"`` (over `trainer.max_epochs`) or ``"step"``.
+        step_size, gamma: of the step scheduler.
+        check_finite: stop with a clear message when a loss term is NaN or inf.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        optimizer: Literal["adam", "adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        group_lr: dict[str, float] | None = None,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: Literal["none", "cosine", "step"] = "none",
+        step_size: int = 10,
+        gamma: float = 0.1,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        # Collects the init arguments of the whole subclass chain (plain YAML types only, so a
+        # Lightning checkpoint loads with torch.load(weights_only=True)).
+        self.save_hyperparameters()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.normalize = Normalize(mean, std)
+        metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
+        if num_classes >= 5:
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5)
+        collection = MetricCollection(metrics)
+        self.train_metrics = collection.clone(prefix="train/")
+        self.val_metrics = collection.clone(prefix="val/")
+        self.test_metrics = collection.clone(prefix="test/")
+
+    # ----------------------------------------------------------------- to be provided by a family
+    def forward(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def explain(self, images: Tensor, target: Tensor | None = None) -> Explanation:  # pragma: no cover
+        raise NotImplementedError
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named parameter groups; each can get its own learning rate through `group_lr`."""
+        return {"all": [p for p in self.parameters() if p.requires_grad]}
+
+    def compute_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits and the named loss terms; ``"loss"`` is the total that is minimised."""
+        logits = self(images)
+        ce = F.cross_entropy(logits, labels)
+        return logits, {"loss": ce, "cross_entropy": ce}
+
+    # ----------------------------------------------------------------- shared machinery
+    def _target(self, logits: Tensor, target: Tensor | int | None) -> Tensor:
+        if target is None:
+            return logits.argmax(dim=1)
+        if isinstance(target, int):
+            return torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
+        return target.to(logits.device).long()
+
+    def _check_finite(self, losses: dict[str, Tensor], stage: str) -> None:
+        if not self.hparams.get("check_finite", True):
+            return
+        bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite {stage} loss term(s) {', '.join(bad)} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}): " + ", ".join(f"{n}={losses[n].item()}" for n in bad)
+            )
+
+    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+        images, labels = unpack_batch(batch)
+        logits, losses = self.compute_losses(images, labels)
+        self._check_finite(losses, stage)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits.detach(), labels)
+        on_step = stage == "train"
+        self.log_dict(
+            {f"{stage}/{name}": value.detach() for name, value in losses.items()},
+            on_step=on_step, on_epoch=True, batch_size=labels.shape[0], sync_dist=not on_step,
+        )
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        return losses["loss"]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        images, _ = unpack_batch(batch)
+        logits = self(images)
+        return {"logits": logits, "prediction": logits.argmax(dim=1)}
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if data_classes is not None and data_classes != self.num_classes:
+            raise ValueError(
+                f"the model has num_classes={self.num_classes} but the data "
+                f"({type(datamodule).__name__}) has {data_classes} classes"
+            )
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        group_lr = dict(hp.get("group_lr") or {})
+        groups = self.parameter_groups()
+        unknown = set(group_lr) - set(groups)
+        if unknown:
+            raise ValueError(f"group_lr names unknown parameter group(s) {sorted(unknown)}; groups are {sorted(groups)}")
+        param_groups = [
+            {"params": params, "lr": group_lr.get(name, hp.lr), "name": name}
+            for name, params in groups.items()
+            if params
+        ]
+        kwargs: dict[str, Any] = {"weight_decay": hp.weight_decay}
+        if hp.optimizer == "sgd":
+            kwargs["momentum"] = hp.momentum
+        optimizer = _OPTIMIZERS[hp.optimizer](param_groups, lr=hp.lr, **kwargs)
+        if hp.scheduler == "none":
+            return optimizer
+        if hp.scheduler == "cosine":
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.trainer.max_epochs or 1, 1))
+        else:
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=hp.step_size, gamma=hp.gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
