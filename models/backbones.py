@@ -96,7 +96,18 @@ def _torchvision_trunk(name: str, stage: int | None, pretrained: bool | str | Pa
     except ValueError as e:
         raise UnknownBackboneError(f"torchvision has no model {name!r}: {e}") from None
     if isinstance(pretrained, (str, Path)):
-        net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+        # The classifier head is cut away below, so a file from a classifier with another class
+        # count is fine: drop head weights whose shape differs, load everything else strictly.
+        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        own = net.state_dict()
+        state = {k: v for k, v in state.items() if not (k.split(".")[0] in ("fc", "classifier") and v.shape != own[k].shape)}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        trunk_missing = [k for k in missing if k.split(".")[0] not in ("fc", "classifier")]
+        if trunk_missing or unexpected:
+            raise ValueError(
+                f"backbone weights {pretrained} do not fit torchvision {name}: "
+                f"missing {trunk_missing[:5]}, unexpected {unexpected[:5]}"
+            )
     if hasattr(net, "layer4"):  # ResNet family: stages 1..4 are layer1..layer4
         last = 4 if stage is None else stage
         blocks = [net.conv1, net.bn1, net.relu, net.maxpool] + [getattr(net, f"layer{i}") for i in range(1, last + 1)]
