@@ -120,8 +120,10 @@ def _torchvision_trunk(name: str, stage: int | None, pretrained: bool | str | Pa
             trunk = nn.Sequential(trunk, nn.ReLU(inplace=False))
     else:
         raise UnknownBackboneError(f"cannot cut torchvision model {name!r} into a convolutional trunk")
+    trunk.eval()  # probe the width in eval mode: a train-mode pass would move BN running statistics
     with torch.no_grad():
         channels = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
+    trunk.train()
     return trunk, channels
 
 
