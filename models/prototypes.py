@@ -1,0 +1,378 @@
+"""Prototype machinery shared by ProtoPNet and ProtoTree.
+
+Distances between latent patches and prototypes, similarity functions, the vectorised push
+(prototype projection), receptive-field and high-activation boxes, and the k nearest patches of
+every prototype (global analysis, pruning).
+
+Distances are squared L2 between 1x1 latent patches z (D,) and prototypes p (D,), computed through the
+convolution expansion ||z||^2 - 2 z.p + ||p||^2 so that no (B, P, D, h, w) tensor is ever built. The
+nearest patch under squared L2 is the nearest under L2, so ProtoTree (Euclidean) shares the push.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from .backbones import ReceptiveField
+
+__all__ = [
+    "NearestPatches",
+    "PushResult",
+    "high_activation_boxes",
+    "l2_distances",
+    "log_similarity",
+    "linear_similarity",
+    "nearest_patches",
+    "push_prototypes",
+    "receptive_field_boxes",
+    "similarity",
+]
+
+# Index sentinel while searching: larger than any sample index, so "found" candidates always win a tie.
+_NO_INDEX = torch.iinfo(torch.int64).max
+
+
+def l2_distances(latent: Tensor, prototypes: Tensor) -> Tensor:
+    """Squared L2 distance of every 1x1 latent patch to every prototype.
+
+    Args:
+        latent: (B, D, h, w) feature maps.
+        prototypes: (P, D) or (P, D, 1, 1) prototype vectors.
+
+    Returns:
+        (B, P, h, w), clamped at 0 (the expansion can go slightly negative by rounding; the
+        official code applies a ReLU for the same reason).
+    """
+    if latent.ndim != 4:
+        raise ValueError(f"latent must be (B, D, h, w), got shape {tuple(latent.shape)}")
+    weight = prototypes.reshape(prototypes.shape[0], -1)
+    if weight.shape[1] != latent.shape[1]:
+        raise ValueError(f"prototype dimension {weight.shape[1]} does not match latent channels {latent.shape[1]}")
+    z2 = latent.pow(2).sum(dim=1, keepdim=True)
+    zp = F.conv2d(latent, weight[:, :, None, None])
+    p2 = weight.pow(2).sum(dim=1).view(1, -1, 1, 1)
+    return (z2 - 2 * zp + p2).clamp_min(0)
+
+
+def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:
+    """ProtoPNet's similarity log((d + 1) / (d + eps)): log(1/eps) at d = 0, decreasing to 0."""
+    return torch.log((distances + 1) / (distances + eps))
+
+
+def linear_similarity(distances: Tensor) -> Tensor:
+    """The paper's alternative similarity -d."""
+    return -distances
+
+
+def similarity(distances: Tensor, kind: Literal["log", "linear"] = "log") -> Tensor:
+    """Similarity by name (names keep the model's init arguments plain YAML)."""
+    if kind == "log":
+        return log_similarity(distances)
+    if kind == "linear":
+        return linear_similarity(distances)
+    raise ValueError(f"unknown similarity {kind!r}; expected 'log' or 'linear'")
+
+
+# --------------------------------------------------------------------------------------------- push
+@dataclass
+class PushResult:
+    """Nearest latent patch of every prototype.
+
+    Attributes:
+        vectors: (P, D) nearest latent vectors (the new prototypes; the old prototype where none found).
+        distance: (P,) squared L2 distance of the nearest patch (inf where no allowed patch was seen).
+        sample_index: (P,) int64, the batch["index"] of the source sample (-1 if none).
+        position: (P, 2) int64 latent (row, col) of the patch (-1 if none).
+        found: (P,) bool.
+        distance_map: (P, h, w) squared distances from the new prototype to every patch of its source
+            image (its self-activation map; inf where none found).
+    """
+
+    vectors: Tensor
+    distance: Tensor
+    sample_index: Tensor
+    position: Tensor
+    found: Tensor
+    distance_map: Tensor | None = None
+
+
+def _unpack_indexed(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+    if isinstance(batch, dict):
+        missing = [k for k in ("image", "label", "index") if k not in batch]
+        if missing:
+            raise KeyError(f"push batches need keys 'image', 'label', 'index'; missing {missing}")
+        return batch["image"], batch["label"], batch["index"]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 3:
+        return batch[0], batch[1], batch[2]
+    raise TypeError("push batches must be dicts with 'image', 'label', 'index' or (image, label, index) tuples")
+
+
+def _lex_less(d_a: Tensor, i_a: Tensor, q_a: Tensor, d_b: Tensor, i_b: Tensor, q_b: Tensor) -> Tensor:
+    """(d, sample index, flat position) of a strictly before that of b, lexicographically."""
+    return (d_a < d_b) | ((d_a == d_b) & ((i_a < i_b) | ((i_a == i_b) & (q_a < q_b))))
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather(t: Tensor) -> Tensor:
+    """(world, *t.shape) stack of `t` from every rank."""
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def push_prototypes(
+    latent_fn: Callable[[Tensor], Tensor],
+    prototypes: Tensor,
+    loader: Iterable,
+    allowed_classes: Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> PushResult:
+    """Nearest latent patch of every prototype over one pass of `loader`, all prototypes at once.
+
+    Args:
+        latent_fn: images (B, 3, H, W) -> latent maps (B, D, h, w); called in the caller's mode
+            (put the model in eval mode first).
+        prototypes: (P, D) or (P, D, 1, 1).
+        loader: dict batches with "image", "label", "index" (or (image, label, index) tuples).
+        allowed_classes: (P, K) bool; prototype j may only take patches from images whose label k
+            has allowed_classes[j, k] (None = any image).
+        device: where the search runs (default: the prototypes' device).
+
+    Under torch.distributed each rank searches its shard and the minima are all-gathered, so every
+    rank ends with identical results. Ties are broken by the smallest sample index, then the
+    smallest (row, col), independently of batch size, data order and sharding.
+    """
+    device = torch.device(device) if device is not None else prototypes.device
+    protos = prototypes.detach().reshape(prototypes.shape[0], -1).to(device)
+    num_protos, dim = protos.shape
+    allowed = None if allowed_classes is None else allowed_classes.to(device=device, dtype=torch.bool)
+    if allowed is not None and allowed.shape[0] != num_protos:
+        raise ValueError(f"allowed_classes has {allowed.shape[0]} rows but there are {num_protos} prototypes")
+
+    best_d = torch.full((num_protos,), float("inf"), device=device)
+    best_idx = torch.full((num_protos,), _NO_INDEX, dtype=torch.long, device=device)
+    best_pos = torch.full((num_protos,), _NO_INDEX, dtype=torch.long, device=device)
+    vectors = protos.clone()
+    dmap: Tensor | None = None
+    width = None
+    proto_ids = torch.arange(num_protos, device=device)
+
+    for batch in loader:
+        images, labels, index = _unpack_indexed(batch)
+        images = images.to(device, non_blocking=True)
+        labels, index = labels.to(device).long(), index.to(device).long()
+        # Sorting the batch by sample index makes "first minimum" mean "smallest sample index".
+        order = torch.argsort(index)
+        latent = latent_fn(images)[order]
+        labels, index = labels[order], index[order]
+        if latent.shape[1] != dim:
+            raise ValueError(f"latent_fn gives {latent.shape[1]} channels but prototypes have {dim}")
+        h, w = latent.shape[-2:]
+        if dmap is None:
+            dmap, width = torch.full((num_protos, h, w), float("inf"), device=device), w
+        elif (h, w) != dmap.shape[1:]:
+            raise ValueError(f"latent maps changed size from {tuple(dmap.shape[1:])} to {(h, w)} during the push")
+
+        per_image, pos = l2_distances(latent, protos).flatten(2).min(dim=2)  # (B, P): first min = smallest (row, col)
+        if allowed is not None:
+            if labels.max() >= allowed.shape[1] or labels.min() < 0:
+                raise ValueError(f"label out of range [0, {allowed.shape[1]}) in the push data")
+            per_image = per_image.masked_fill(~allowed[:, labels].T, float("inf"))
+        cand_d, cand_b = per_image.min(dim=0)  # (P,): first min = smallest sample index
+        cand_pos = pos[cand_b, proto_ids]
+        cand_idx = index[cand_b]
+        better = torch.isfinite(cand_d) & _lex_less(cand_d, cand_idx, cand_pos, best_d, best_idx, best_pos)
+        if not better.any():
+            continue
+        sel = better.nonzero().squeeze(1)
+        b_sel, q_sel = cand_b[sel], cand_pos[sel]
+        src = latent[b_sel]  # (n, D, h, w)
+        new = src.flatten(2)[torch.arange(len(sel), device=device), :, q_sel]  # (n, D)
+        vectors[sel] = new
+        dmap[sel] = (src - new[:, :, None, None]).pow(2).sum(dim=1)
+        best_d[sel], best_idx[sel], best_pos[sel] = cand_d[sel], cand_idx[sel], q_sel
+
+    if _world() > 1:
+        best_d, best_idx, best_pos, vectors, dmap, width = _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width)
+
+    found = torch.isfinite(best_d)
+    width = width or 1
+    position = torch.stack([best_pos // width, best_pos % width], dim=1)
+    position[~found] = -1
+    return PushResult(
+        vectors=vectors,
+        distance=best_d,
+        sample_index=torch.where(found, best_idx, torch.full_like(best_idx, -1)),
+        position=position,
+        found=found,
+        distance_map=dmap,
+    )
+
+
+def _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width):
+    """All-gather every rank's minima and keep, per prototype, the lexicographic smallest."""
+    # Ranks whose shard was empty have no map yet; agree on the map size first.
+    shape = torch.tensor(list(dmap.shape[1:]) if dmap is not None else [0, 0], device=best_d.device)
+    shape = _all_gather(shape).amax(dim=0)
+    if dmap is None:
+        dmap = torch.full((best_d.shape[0], int(shape[0]), int(shape[1])), float("inf"), device=best_d.device)
+        width = int(shape[1])
+    all_d, all_i, all_q = _all_gather(best_d), _all_gather(best_idx), _all_gather(best_pos)
+    all_v, all_m = _all_gather(vectors), _all_gather(dmap)
+    winner = torch.zeros_like(best_idx)
+    for r in range(1, all_d.shape[0]):
+        ids = torch.arange(all_d.shape[1], device=all_d.device)
+        w_d, w_i, w_q = all_d[winner, ids], all_i[winner, ids], all_q[winner, ids]
+        take = torch.isfinite(all_d[r]) & _lex_less(all_d[r], all_i[r], all_q[r], w_d, w_i, w_q)
+        winner = torch.where(take, torch.full_like(winner, r), winner)
+    ids = torch.arange(all_d.shape[1], device=all_d.device)
+    return all_d[winner, ids], all_i[winner, ids], all_q[winner, ids], all_v[winner, ids], all_m[winner, ids], width
+
+
+# -------------------------------------------------------------------------------------------- boxes
+def receptive_field_boxes(rf_rows: ReceptiveField, rf_cols: ReceptiveField, positions: Tensor) -> Tensor:
+    """Receptive-field box (x0, y0, x1, y1) of each latent (row, col); (-1, -1, -1, -1) where row < 0."""
+    boxes = []
+    for row, col in positions.tolist():
+        if row < 0:
+            boxes.append((-1, -1, -1, -1))
+            continue
+        y0, y1, _, _ = rf_rows.box(row, col)
+        _, _, x0, x1 = rf_cols.box(row, col)
+        boxes.append((x0, y0, x1, y1))
+    return torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)
+
+
+def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, h, w) -> (N, H, W) bicubic (the official code uses cv2 INTER_CUBIC; both use a = -0.75)."""
+    return F.interpolate(maps[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
+
+
+def high_activation_boxes(
+    maps: Tensor, size: tuple[int, int], percentile: float = 95.0, chunk: int = 64
+) -> tuple[Tensor, Tensor]:
+    """Tight boxes around the pixels at or above the `percentile` of each bicubically upsampled map.
+
+    Args:
+        maps: (N, h, w) activation (similarity) maps at latent resolution.
+        size: (H, W) input resolution.
+        percentile: ProtoPNet's `find_high_activation_crop` uses 95.
+        chunk: maps per step (bounds the memory of the (chunk, H, W) upsampled maps).
+
+    Returns:
+        boxes (N, 4) int64 as (x0, y0, x1, y1), x1/y1 exclusive, and the thresholds (N,).
+    """
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
+    boxes, thresholds = [], []
+    for part in maps.split(chunk):
+        up = upsample_maps(part, size)
+        # Same linear interpolation between order statistics as np.percentile's default.
+        thr = torch.quantile(up.flatten(1), percentile / 100, dim=1)
+        mask = up >= thr[:, None, None]
+        rows, cols = mask.any(dim=2).int(), mask.any(dim=1).int()  # argmax below = first True
+        y0, y1 = rows.argmax(dim=1), size[0] - rows.flip(1).argmax(dim=1)
+        x0, x1 = cols.argmax(dim=1), size[1] - cols.flip(1).argmax(dim=1)
+        boxes.append(torch.stack([x0, y0, x1, y1], dim=1))
+        thresholds.append(thr)
+    if not boxes:
+        return torch.zeros(0, 4, dtype=torch.long, device=maps.device), torch.zeros(0, device=maps.device)
+    return torch.cat(boxes).long(), torch.cat(thresholds)
+
+
+def crop_patches(images: Tensor, image_ids: Tensor, boxes: Tensor, size: int = 32) -> Tensor:
+    """Crop `boxes` (x0, y0, x1, y1) from `images[image_ids]`, resized to size x size, as uint8 (N, C, size, size)."""
+    from torchvision.ops import roi_align
+
+    if len(boxes) == 0:
+        return torch.zeros(0, images.shape[1], size, size, dtype=torch.uint8)
+    rois = torch.cat([image_ids[:, None].to(images), boxes.to(images)], dim=1)
+    # aligned=True: box edges are pixel edges (pixel i spans [i, i + 1)), as in our boxes.
+    crops = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    return (crops.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------------------------- nearest patches
+@dataclass
+class NearestPatches:
+    """The k nearest images of every prototype, one patch (its nearest) per image.
+
+    Attributes:
+        distance: (P, k) squared L2, ascending (inf where fewer than k images were seen).
+        sample_index: (P, k) int64 batch["index"] of each neighbour (-1 where none).
+        position: (P, k, 2) int64 latent (row, col) of the nearest patch in that image.
+        label: (P, k) int64 label of that image (-1 where none).
+    """
+
+    distance: Tensor
+    sample_index: Tensor
+    position: Tensor
+    label: Tensor
+
+
+def _top_k(d: Tensor, idx: Tensor, extra: list[Tensor], k: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Per row, the k smallest (distance, sample index) pairs, deterministic on ties."""
+    by_idx = torch.argsort(idx, dim=1, stable=True)
+    d, idx, extra = d.gather(1, by_idx), idx.gather(1, by_idx), [e.gather(1, by_idx) for e in extra]
+    by_d = torch.argsort(d, dim=1, stable=True)[:, :k]
+    return d.gather(1, by_d), idx.gather(1, by_d), [e.gather(1, by_d) for e in extra]
+
+
+@torch.no_grad()
+def nearest_patches(
+    latent_fn: Callable[[Tensor], Tensor],
+    prototypes: Tensor,
+    loader: Iterable,
+    k: int = 6,
+    device: torch.device | str | None = None,
+) -> NearestPatches:
+    """k nearest images (by their nearest patch) of every prototype over one pass, vectorised.
+
+    This is ProtoPNet's `find_nearest` (global analysis and pruning) without its Python double loop.
+    Under torch.distributed the per-rank lists are gathered and merged.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = torch.device(device) if device is not None else prototypes.device
+    protos = prototypes.detach().reshape(prototypes.shape[0], -1).to(device)
+    num_protos = protos.shape[0]
+    inf = float("inf")
+    d = torch.full((num_protos, k), inf, device=device)
+    idx = torch.full((num_protos, k), _NO_INDEX, dtype=torch.long, device=device)
+    pos = torch.full((num_protos, k), -1, dtype=torch.long, device=device)
+    lab = torch.full((num_protos, k), -1, dtype=torch.long, device=device)
+    width = 1
+    for batch in loader:
+        images, labels, index = _unpack_indexed(batch)
+        latent = latent_fn(images.to(device, non_blocking=True))
+        width = latent.shape[-1]
+        per_image, where = l2_distances(latent, protos).flatten(2).min(dim=2)  # (B, P)
+        n = per_image.shape[0]
+        d, idx, (pos, lab) = _top_k(
+            torch.cat([d, per_image.T], 1),
+            torch.cat([idx, index.to(device).long()[None].expand(num_protos, n)], 1),
+            [torch.cat([pos, where.T], 1), torch.cat([lab, labels.to(device).long()[None].expand(num_protos, n)], 1)],
+            k,
+        )
+    if _world() > 1:
+        width = int(_all_gather(torch.tensor(width, device=device)).max())
+        cat = lambda t: _all_gather(t).permute(1, 0, 2).reshape(num_protos, -1)  # noqa: E731
+        d, idx, (pos, lab) = _top_k(cat(d), cat(idx), [cat(pos), cat(lab)], k)
+    seen = torch.isfinite(d)
+    position = torch.stack([pos // width, pos % width], dim=-1)
+    position[~seen] = -1
+    return NearestPatches(
+        distance=d,
+        sample_index=torch.where(seen, idx, torch.full_like(idx, -1)),
+        position=position,
+        label=torch.where(seen, lab, torch.full_like(lab, -1)),
+    )
