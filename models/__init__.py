@@ -17,3 +17,5 @@ __all__ = [
     "list_models",
     "register_model",
 ]
+from .icnn import InterpretableCNN, InterpretableLayer  # noqa: E402
+__all__ += ["InterpretableCNN", "InterpretableLayer"]

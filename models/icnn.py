@@ -1,0 +1,531 @@
+"""Interpretable CNN (Zhang, Wu, Zhu, CVPR 2018; spec: ``specs/icnn_cam_metrics.md`` section 1).
+
+Each filter of the interpretable layers should fire on one part of one category. After ReLU, the map x
+(n x n) of every filter passes through the positive template centred on its peak, ``max(x * T_mu, 0)``,
+in training and inference, and a filter loss (negative mutual information between maps and templates)
+pulls each filter towards one category and one location.
+
+Choices between the paper and the released code (section 1.9 of the spec):
+- Placement: the trunk is cut at its top conv layer (VGG-16 at relu5_3, ResNet after layer3 as in the
+  PyTorch port, any timm trunk); its output is masked (``mask_backbone``, the paper's first
+  interpretable layer) and `num_layers` new 3x3 convs (same channels, bias, zero padding) follow, each
+  output masked after ReLU, as in the paper. The released code masks the *input* of the next layer and,
+  for the second layer, after pool5; for ResNets it continues into layer4 - we stop at the head.
+- Head: ``"gap"`` (global average pool + linear; the default, so the maps the metrics read feed the
+  decision directly) or ``"fc"`` (paper-like: max-pool, fc6, fc7, fc8 with dropout).
+- Mask: ``variant="paper"`` uses mu = argmax and a fixed beta (4); ``variant="released_code"`` uses the
+  rounded activation-weighted centroid on a linspace(-1, 1) grid and a per-channel beta that tracks
+  clip(3 / sigma, 1.5, 3) (its official "gradient"), starting at 2.0. tau is never applied in forward
+  (as in every public implementation), only inside exp(tr(x . T)) of the loss.
+- tau: default 0.5 / n^2 (``tau="n2"``), with alpha = n^2 / (1 + n^2) (uniform prior over the n^2 + 1
+  templates). This is the reading of arXiv v4 in the spec and the choice of the independent
+  re-implementation; the released code uses mean_ij (a 1/n^2 scaling) with temperature 0.5, which also
+  points to 1/n^2. ``tau="n"`` gives 0.5 / n. We could not re-check the PDF in this sandbox.
+- Loss: Eq. 4 keeps only the template T_hat of each (image, filter): T_mu_hat if the image is of the
+  filter's category, else T-; Z_T and p(x) are detached running estimates. The sign: Eq. 4 as printed
+  equals dMI/dx (the +1 terms of the two entropy derivatives cancel); the loss is -MI, so we use the
+  negative, which raises x inside the template (the released code's injected gradient has this sign).
+- Filter category: argmax_c of an EMA (momentum 0.9, as the code's `sliceMag`) of the per-class mean of
+  mean_ij x (the paper's sum_ij x up to the constant n^2; the code uses the max). In ``mode="logistic"``
+  (single category, label `positive_class` against negatives) every filter belongs to the positive class.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import Backbone, ReceptiveField
+from .base import Explanation, InterpretableClassifier
+from .registry import register_model
+
+__all__ = [
+    "InterpretableCNN",
+    "InterpretableLayer",
+    "LayerMaps",
+    "part_templates",
+    "negative_template",
+    "normalised_l1_distances",
+    "template_tau",
+    "argmax_mu",
+    "centroid_mu",
+    "filter_loss_surrogate",
+]
+
+
+# ----------------------------------------------------------------------------------------- templates
+def part_templates(h: int, w: int, beta: float = 4.0, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The h*w positive templates without tau, (h*w, h, w), mu = i0 * w + j0 (row-major).
+
+    t[mu, i, j] = max(1 - beta * (|i - i0| / h + |j - j0| / w), -1), i.e. the paper's
+    max(1 - beta * ||[i, j] - mu||_1 / n, -1) for square n x n maps (each axis over its own length when
+    the map is not square).
+    """
+    if h < 1 or w < 1:
+        raise ValueError(f"template size must be positive, got {h}x{w}")
+    i = torch.arange(h, device=device, dtype=dtype)
+    j = torch.arange(w, device=device, dtype=dtype)
+    mu_i, mu_j = i.repeat_interleave(w), j.repeat(h)
+    dist = (i[None, :, None] - mu_i[:, None, None]).abs() / h + (j[None, None, :] - mu_j[:, None, None]).abs() / w
+    return (1 - beta * dist).clamp(min=-1.0)
+
+
+def negative_template(h: int, w: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """T- without tau: -1 everywhere, (h, w)."""
+    return torch.full((h, w), -1.0, device=device, dtype=dtype)
+
+
+def normalised_l1_distances(h: int, w: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """|Y - Y_mu| + |X - X_mu| on linspace(-1, 1) grids (the released code's coordinates), (h*w, h, w)."""
+    y = torch.linspace(-1, 1, h, device=device, dtype=dtype)
+    x = torch.linspace(-1, 1, w, device=device, dtype=dtype)
+    return (y[None, :, None] - y.repeat_interleave(w)[:, None, None]).abs() + (
+        x[None, None, :] - x.repeat(h)[:, None, None]
+    ).abs()
+
+
+def template_tau(h: int, w: int, rule: str | float = "n2") -> float:
+    """tau of the loss templates: ``"n2"`` -> 0.5 / n^2, ``"n"`` -> 0.5 / n (n^2 = h * w), or a number."""
+    if rule == "n2":
+        return 0.5 / (h * w)
+    if rule == "n":
+        return 0.5 / math.sqrt(h * w)
+    if isinstance(rule, (int, float)) and not isinstance(rule, bool) and rule > 0:
+        return float(rule)
+    raise ValueError(f"tau must be 'n2', 'n' or a positive number, got {rule!r}")
+
+
+def argmax_mu(x: Tensor) -> Tensor:
+    """Flat index of the peak of each map (B, C, h, w) -> (B, C) (paper)."""
+    return x.flatten(2).argmax(dim=2)
+
+
+def centroid_mu(x: Tensor) -> Tensor:
+    """Flat index of the rounded activation-weighted centroid (B, C) (released code, `IsUseMax=false`).
+
+    An all-zero map gets index 0, as the code does (it divides by max(sum x, 1e-9)).
+    """
+    _, _, h, w = x.shape
+    mass = x.sum(dim=(2, 3)).clamp(min=1e-9)
+    rows = torch.arange(h, device=x.device, dtype=x.dtype)
+    cols = torch.arange(w, device=x.device, dtype=x.dtype)
+    i = ((x.sum(dim=3) * rows).sum(dim=2) / mass).round().clamp(0, h - 1)
+    j = ((x.sum(dim=2) * cols).sum(dim=2) / mass).round().clamp(0, w - 1)
+    return (i * w + j).long()
+
+
+def filter_loss_surrogate(s: Tensor, log_z: Tensor, log_px: Tensor, log_prior: Tensor) -> Tensor:
+    """Per-(image, filter) surrogate of -MI whose gradient is the paper's Eq. 4 (negated, see module doc).
+
+    With s = tr(x . T_hat) (T_hat includes tau) and Z, p(x), p(T_hat) constants:
+
+        L = -p(T_hat) e^s / Z * (s - log Z - log p(x) - 1)
+        dL/ds = -p(T_hat) e^s / Z * (s - log Z - log p(x)),   dL/dx_ij = dL/ds * t_hat_ij.
+
+    L is the single-template term of -MI plus p(T) p(x|T); summed over all x and T that addition is the
+    constant 1, so with exact Z the full sum equals -MI + 1.
+    """
+    log_ratio = s - log_z - log_px
+    return -torch.exp(log_prior + s - log_z) * (log_ratio - 1)
+
+
+# ----------------------------------------------------------------------------------------- the layer
+@dataclass
+class LayerMaps:
+    """What one interpretable layer computed for a batch."""
+
+    features: Tensor  # x after ReLU, before the mask (B, C, h, w); the filter loss acts on it
+    mu: Tensor  # (B, C) flat index of the template centre
+    mask: Tensor  # (B, C, h, w) template values in [-1, 1] (no tau)
+    masked: Tensor  # max(x * mask, 0), what the next layer sees
+
+
+class InterpretableLayer(nn.Module):
+    """[3x3 conv ->] ReLU -> template mask, with the running statistics of the filter loss.
+
+    Args:
+        channels: number of filters C (input and output).
+        num_classes: K, for the class-wise activation that assigns each filter a category.
+        conv: add a new 3x3 conv (False: mask the incoming map, e.g. the trunk's top conv layer).
+        variant: ``"paper"`` or ``"released_code"`` (see the module docstring).
+        beta: the paper's fixed beta (``"paper"`` only).
+        tau: ``"n2"``, ``"n"`` or a number (see `template_tau`).
+        prior_alpha: p(T_mu) = alpha / n^2, p(T-) = 1 - alpha; None = n^2 / (1 + n^2).
+        momentum: of the running estimates (Z_T and the class-wise activation).
+        beta_rate: per-step rate at which the released code's beta tracks clip(3 / sigma, 1.5, 3).
+        single_category: every filter belongs to class 1 (logistic mode).
+
+    The output of `out` (an identity) is the masked map: hook it to read the layer (it fires in every
+    forward); `forward` returns all of `LayerMaps`.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        conv: bool = True,
+        variant: str = "paper",
+        beta: float = 4.0,
+        tau: str | float = "n2",
+        prior_alpha: float | None = None,
+        momentum: float = 0.9,
+        beta_rate: float = 0.05,
+        single_category: bool = False,
+    ) -> None:
+        super().__init__()
+        if variant not in ("paper", "released_code"):
+            raise ValueError(f"variant must be 'paper' or 'released_code', got {variant!r}")
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        if prior_alpha is not None and not 0 < prior_alpha < 1:
+            raise ValueError(f"prior_alpha must be in (0, 1), got {prior_alpha}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        template_tau(1, 1, tau)  # validates
+        self.variant, self.beta, self.tau, self.prior_alpha = variant, float(beta), tau, prior_alpha
+        self.momentum, self.beta_rate, self.single_category = float(momentum), float(beta_rate), single_category
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else None
+        self.out = nn.Identity()
+        self.register_buffer("class_activation", torch.zeros(channels, num_classes))
+        self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
+        if variant == "released_code":
+            self.register_buffer("channel_beta", torch.full((channels,), 2.0))  # the code's alphaInit
+
+    # ------------------------------------------------------------------ cached templates, per map size
+    def _cached(self, kind: str, h: int, w: int, like: Tensor) -> Tensor:
+        """Template banks are built once per map size and kept as non-persistent buffers."""
+        name = f"_{kind}_{h}x{w}"
+        bank = getattr(self, name, None)
+        if bank is None or bank.device != like.device or bank.dtype != like.dtype:
+            make = part_templates if kind == "templates" else normalised_l1_distances
+            args = (h, w, self.beta) if kind == "templates" else (h, w)
+            bank = make(*args, device=like.device, dtype=like.dtype)
+            self.register_buffer(name, bank, persistent=False)
+        return bank
+
+    def _all_positive_templates(self, h: int, w: int, like: Tensor) -> Tensor:
+        """(hw, hw) shared bank ("paper") or (C, hw, hw) per-channel bank ("released_code"), flattened."""
+        if self.variant == "paper":
+            return self._cached("templates", h, w, like).flatten(1)
+        dist = self._cached("distances", h, w, like).flatten(1)
+        return (1 - self.channel_beta.to(like)[:, None, None] * dist).clamp(min=-1.0)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> LayerMaps:
+        x = F.relu(self.conv(x) if self.conv is not None else x)
+        _, c, h, w = x.shape
+        if self.variant == "paper":
+            mu = argmax_mu(x)
+            mask = self._cached("templates", h, w, x)[mu]
+        else:
+            mu = centroid_mu(x.detach())
+            dist = self._cached("distances", h, w, x)[mu]
+            mask = (1 - self.channel_beta.to(x)[None, :, None, None] * dist).clamp(min=-1.0)
+        # mu and the template are constants for autograd: the task gradient is grad * T where x * T > 0,
+        # as in the released backward (dL/dx = conv_grad * max(M, 0)).
+        masked = self.out(F.relu(x * mask))
+        return LayerMaps(features=x, mu=mu, mask=mask, masked=masked)
+
+    # ------------------------------------------------------------------ filter categories
+    def filter_categories(self) -> Tensor:
+        """(C,) category of each filter: argmax of its class-wise activation EMA (1 in logistic mode)."""
+        if self.single_category:
+            return torch.ones(self.class_activation.shape[0], dtype=torch.long, device=self.class_activation.device)
+        seen = self.class_activation.masked_fill(~self.class_seen[None, :], float("-inf"))
+        return seen.argmax(dim=1)
+
+    @torch.no_grad()
+    def update_statistics(self, maps: LayerMaps, labels: Tensor) -> None:
+        """Class-wise activation EMA (per class present in the batch) and, for the released code, beta."""
+        num_classes = self.class_activation.shape[1]
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ValueError(f"labels must be in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
+        per_image = maps.features.mean(dim=(2, 3))  # (B, C)
+        onehot = F.one_hot(labels, num_classes).to(per_image.dtype)
+        counts = onehot.sum(dim=0)
+        class_mean = per_image.T @ onehot / counts.clamp(min=1)  # (C, K)
+        present = counts > 0
+        ema = self.momentum * self.class_activation + (1 - self.momentum) * class_mean
+        updated = torch.where(self.class_seen[None, :], ema, class_mean)
+        self.class_activation.copy_(torch.where(present[None, :], updated, self.class_activation))
+        self.class_seen |= present
+        if self.variant == "released_code":
+            self._update_beta(maps, labels)
+
+    def _update_beta(self, maps: LayerMaps, labels: Tensor) -> None:
+        """beta_d -> clip(3 / sigma_d, 1.5, 3): sigma_d is the strength-weighted spatial std over positives.
+
+        Deviation: strength is mean_ij max(x * M, 0) (the code uses mean_ij x * M, which can be negative
+        and would make the weighted mean meaningless).
+        """
+        x = maps.features
+        _, _, h, w = x.shape
+        rows = torch.arange(h, device=x.device, dtype=x.dtype)[:, None]
+        cols = torch.arange(w, device=x.device, dtype=x.dtype)[None, :]
+        mi, mj = (maps.mu // w).to(x.dtype)[..., None, None], (maps.mu % w).to(x.dtype)[..., None, None]
+        sq = (rows - mi) ** 2 + (cols - mj) ** 2
+        sigma = ((sq * x).sum(dim=(2, 3)) / x.sum(dim=(2, 3)).clamp(min=1e-9)).sqrt()  # (B, C)
+        positive = (labels[:, None] == self.filter_categories()[None, :]).to(x.dtype)
+        strength = maps.masked.mean(dim=(2, 3)) * positive
+        den = strength.sum(dim=0)
+        mean_sigma = (strength * sigma).sum(dim=0) / den.clamp(min=1e-12)
+        target = (3.0 / mean_sigma.clamp(min=1e-6)).clamp(1.5, 3.0)
+        step = torch.where(den > 0, self.beta_rate * (target - self.channel_beta), torch.zeros_like(target))
+        self.channel_beta.add_(step)
+
+    # ------------------------------------------------------------------ filter loss
+    def _log_priors(self, hw: int, like: Tensor) -> Tensor:
+        """log p(T) for the hw positive templates then T-, (hw + 1,)."""
+        alpha = hw / (1 + hw) if self.prior_alpha is None else self.prior_alpha
+        log_p = torch.full((hw + 1,), math.log(alpha / hw), device=like.device, dtype=like.dtype)
+        log_p[hw] = math.log(1 - alpha)
+        return log_p
+
+    def _running_log_z(self, batch_log_z: Tensor, h: int, w: int, update: bool) -> Tensor:
+        """EMA of Z_T / N in log space, including this batch (so e^s / Z stays bounded by B / (1 - m))."""
+        name = f"_log_z_{h}x{w}"
+        old = getattr(self, name, None)
+        if old is None or old.shape != batch_log_z.shape:
+            new = batch_log_z
+        else:
+            m = self.momentum
+            new = torch.logaddexp(old.to(batch_log_z) + math.log(m), batch_log_z + math.log(1 - m)) if m > 0 else batch_log_z
+        if update:
+            # Non-persistent: a training statistic re-estimated within a few steps after loading.
+            self.register_buffer(name, new.detach().clone(), persistent=False)
+        return new
+
+    def filter_loss(self, maps: LayerMaps, labels: Tensor, update: bool = True) -> Tensor:
+        """Sum over filters of the batch mean of `filter_loss_surrogate`.
+
+        Args:
+            maps: this layer's output for the batch.
+            labels: (B,) class of each image (0/1 in logistic mode).
+            update: store the running Z_T estimates (training).
+        """
+        x = maps.features
+        b, c, h, w = x.shape
+        hw = h * w
+        tau = template_tau(h, w, self.tau)
+        log_prior = self._log_priors(hw, x)
+        with torch.no_grad():
+            flat = x.detach().flatten(2)  # (B, C, hw)
+            bank = self._all_positive_templates(h, w, flat)
+            traces = flat @ bank.T if bank.dim() == 2 else torch.einsum("bcp,cqp->bcq", flat, bank)
+            s_all = tau * torch.cat([traces, -flat.sum(dim=2, keepdim=True)], dim=2)  # (B, C, hw + 1)
+            log_z = self._running_log_z(torch.logsumexp(s_all, dim=0) - math.log(b), h, w, update)  # (C, hw + 1)
+            log_px = torch.logsumexp(log_prior + s_all - log_z, dim=2)  # (B, C)
+            positive = labels[:, None] == self.filter_categories()[None, :]
+            index = torch.where(positive, maps.mu, torch.full_like(maps.mu, hw))
+            log_z_hat = log_z.expand(b, -1, -1).gather(2, index[..., None])[..., 0]
+            log_prior_hat = log_prior[index]
+        template_hat = torch.where(positive[..., None, None], maps.mask, torch.full_like(maps.mask, -1.0))
+        s_hat = tau * (x * template_hat).sum(dim=(2, 3))
+        return filter_loss_surrogate(s_hat, log_z_hat, log_px, log_prior_hat).sum(dim=1).mean()
+
+
+# ----------------------------------------------------------------------------------------- the model
+class InterpretableCNN(InterpretableClassifier):
+    """Trunk cut at its top conv layer -> interpretable (masked) layers -> classifier head.
+
+    Args:
+        num_classes: K (2 in logistic mode: the outputs are the logits [0, z] of "negative", "positive").
+        backbone: timm name or ``"torchvision/<name>"``.
+        stage: feature stage to cut at (VGG-16: 4 = relu5_3; ResNet: 3 = layer3).
+        pretrained_backbone: False, True (ImageNet weights, needs network) or a weights file.
+        mode: ``"softmax"`` (multi-category) or ``"logistic"`` (label `positive_class` against the rest).
+        positive_class: the object class in logistic mode; any data labels are mapped to (label == it).
+        num_layers: new 3x3 interpretable conv layers after the trunk.
+        mask_backbone: also mask (and apply the filter loss to) the trunk's top conv output.
+        variant: ``"paper"`` or ``"released_code"`` mask (see the module docstring).
+        beta, tau, prior_alpha, momentum, beta_rate: of the templates and the loss (`InterpretableLayer`).
+        filter_loss_weight: lambda; the total is cross_entropy + lambda * filter_loss.
+        head: ``"gap"`` (GAP + linear) or ``"fc"`` (max-pool, fc6, fc7, fc8, as the paper's VGG head).
+        fc_hidden, fc_grid: width of fc6/fc7 and the pooled grid fc6 sees (7 for VGG-16 at 224 px).
+        dropout: before each linear layer of the head.
+        **kwargs: optimisation arguments of `InterpretableClassifier`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        stage: int | None = 3,
+        pretrained_backbone: bool | str = False,
+        mode: Literal["softmax", "logistic"] = "softmax",
+        positive_class: int = 1,
+        num_layers: int = 1,
+        mask_backbone: bool = True,
+        variant: Literal["paper", "released_code"] = "paper",
+        beta: float = 4.0,
+        tau: str | float = "n2",
+        prior_alpha: float | None = None,
+        momentum: float = 0.9,
+        beta_rate: float = 0.05,
+        filter_loss_weight: float = 1.0,
+        head: Literal["gap", "fc"] = "gap",
+        fc_hidden: int = 4096,
+        fc_grid: int = 7,
+        dropout: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        if mode not in ("softmax", "logistic"):
+            raise ValueError(f"mode must be 'softmax' or 'logistic', got {mode!r}")
+        if mode == "logistic" and num_classes != 2:
+            raise ValueError(f"logistic mode has num_classes=2 (negative, positive), got {num_classes}")
+        if num_layers < 0 or (num_layers == 0 and not mask_backbone):
+            raise ValueError(f"need at least one interpretable layer: num_layers={num_layers}, mask_backbone={mask_backbone}")
+        if filter_loss_weight < 0:
+            raise ValueError(f"filter_loss_weight must be >= 0, got {filter_loss_weight}")
+        if head not in ("gap", "fc"):
+            raise ValueError(f"head must be 'gap' or 'fc', got {head!r}")
+        self.mode, self.positive_class = mode, positive_class
+        self.filter_loss_weight = float(filter_loss_weight)
+        self.backbone = Backbone(backbone, stage=stage, pretrained=pretrained_backbone)
+        channels = self.backbone.out_channels
+        layer_kw = dict(
+            variant=variant, beta=beta, tau=tau, prior_alpha=prior_alpha, momentum=momentum,
+            beta_rate=beta_rate, single_category=mode == "logistic",
+        )
+        convs = [False] * int(mask_backbone) + [True] * num_layers
+        self.interpretable = nn.ModuleList(InterpretableLayer(channels, num_classes, conv=c, **layer_kw) for c in convs)
+        outputs = 1 if mode == "logistic" else num_classes
+        if head == "gap":
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, outputs))
+        else:
+            self.head = nn.Sequential(
+                nn.MaxPool2d(2, ceil_mode=True), nn.AdaptiveAvgPool2d(fc_grid), nn.Flatten(),
+                nn.Linear(channels * fc_grid**2, fc_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(fc_hidden, fc_hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(fc_hidden, outputs),
+            )
+
+    # ------------------------------------------------------------------ forward
+    def _logits(self, features: Tensor) -> Tensor:
+        z = self.head(features)
+        # Logistic mode as two logits [0, z]: softmax gives sigmoid(z), cross-entropy the logistic loss.
+        return torch.cat([torch.zeros_like(z), z], dim=1) if self.mode == "logistic" else z
+
+    def layer_maps(self, images: Tensor) -> tuple[Tensor, list[LayerMaps]]:
+        """Logits and every interpretable layer's maps for images in [0, 1]."""
+        x = self.backbone(self.normalize(images))
+        maps = []
+        for layer in self.interpretable:
+            maps.append(layer(x))
+            x = maps[-1].masked
+        return self._logits(x), maps
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.layer_maps(images)[0]
+
+    @property
+    def feature_layer(self) -> nn.Module:
+        """The module whose output is the last interpretable layer's masked map (hook it for metrics)."""
+        return self.interpretable[-1].out
+
+    def receptive_field(self, image_size: int) -> ReceptiveField:
+        """Of the interpretable layers' cells: the trunk's, widened by each 3x3 conv (centres unchanged)."""
+        rf = self.backbone.receptive_field(image_size)
+        convs = sum(layer.conv is not None for layer in self.interpretable)
+        return ReceptiveField(size=rf.size, jump=rf.jump, rf=rf.rf + 2 * rf.jump * convs, start=rf.start, image_size=image_size)
+
+    def filter_categories(self, layer: int = -1) -> Tensor:
+        """(C,) category of each filter of an interpretable layer."""
+        return self.interpretable[layer].filter_categories()
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {
+            "backbone": list(self.backbone.parameters()),
+            "interpretable": list(self.interpretable.parameters()),
+            "head": list(self.head.parameters()),
+        }
+
+    # ------------------------------------------------------------------ training
+    def compute_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logits, maps = self.layer_maps(images)
+        ce = F.cross_entropy(logits, labels)
+        if self.training:
+            for layer, m in zip(self.interpretable, maps):
+                layer.update_statistics(m, labels)
+        filter_loss = sum(layer.filter_loss(m, labels, update=self.training) for layer, m in zip(self.interpretable, maps))
+        return logits, {"loss": ce + self.filter_loss_weight * filter_loss, "cross_entropy": ce, "filter_loss": filter_loss}
+
+    def _task_batch(self, batch: Any) -> Any:
+        """In logistic mode the labels become 1 for `positive_class` and 0 for every other class."""
+        if self.mode == "softmax":
+            return batch
+        if isinstance(batch, dict):
+            return {**batch, "label": (batch["label"] == self.positive_class).long()}
+        return (batch[0], (batch[1] == self.positive_class).long(), *batch[2:])
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(self._task_batch(batch), "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(self._task_batch(batch), "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._shared_step(self._task_batch(batch), "test")
+
+    def setup(self, stage: str) -> None:
+        if self.mode == "softmax":  # logistic mode accepts any data: labels are mapped to one-vs-rest
+            super().setup(stage)
+
+    # ------------------------------------------------------------------ explanation
+    @torch.no_grad()
+    def explain(self, images: Tensor, target: Tensor | int | None = None) -> Explanation:
+        """Heatmap: the summed masked maps of the filters assigned to the target class (default: the
+        prediction) in the last interpretable layer, bilinearly upsampled; zero if no filter has it.
+
+        evidence: ``part_maps`` (B, C, h, w) masked maps, ``filter_categories`` (C,), ``assigned`` (B, C)
+        bool (filter belongs to the target), ``peaks`` (B, C, 2) (row, col) of each template centre.
+        """
+        logits, maps = self.layer_maps(images)
+        target = self._target(logits, target)
+        last = maps[-1]
+        categories = self.filter_categories()
+        assigned = categories[None, :] == target[:, None]
+        cam = (last.masked * assigned[..., None, None]).sum(dim=1)
+        heatmap = F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        w = last.masked.shape[-1]
+        peaks = torch.stack([last.mu // w, last.mu % w], dim=-1)
+        evidence = {"part_maps": last.masked, "filter_categories": categories, "assigned": assigned, "peaks": peaks}
+        return Explanation(logits=logits, target=target, heatmap=heatmap, evidence=evidence)
+
+
+# ----------------------------------------------------------------------------------------- builders
+def _icnn(backbone: str, stage: int | None, **kwargs) -> InterpretableCNN:
+    kwargs.setdefault("num_classes", 1000)
+    kwargs.setdefault("stage", stage)
+    return InterpretableCNN(backbone=backbone, **kwargs)
+
+
+@register_model
+def icnn_vgg16(**kwargs) -> InterpretableCNN:
+    """The paper's VGG-16: trunk to relu5_3 (masked), one new 3x3 conv of 512 (masked), fc head."""
+    kwargs.setdefault("head", "fc")
+    kwargs.setdefault("dropout", 0.5)
+    return _icnn("vgg16", 4, **kwargs)
+
+
+@register_model
+def icnn_resnet18(**kwargs) -> InterpretableCNN:
+    """ResNet-18 after layer3 (256 channels, 14x14 at 224 px) as in the PyTorch port, GAP + linear head."""
+    return _icnn("resnet18", 3, **kwargs)
+
+
+@register_model
+def icnn_resnet50(**kwargs) -> InterpretableCNN:
+    """ResNet-50 after layer3 (1024 channels) as in the PyTorch port, GAP + linear head."""
+    return _icnn("resnet50", 3, **kwargs)
+
+
+@register_model
+def icnn_test_resnet(**kwargs) -> InterpretableCNN:
+    """timm's tiny `test_resnet` after layer2 (48 channels, 8x8 at 64 px): for tests and CPU runs."""
+    return _icnn("test_resnet", 2, **kwargs)
