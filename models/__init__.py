@@ -3,6 +3,7 @@ from .backbones import Backbone, ReceptiveField, UnknownBackboneError
 from .base import Explanation, InterpretableClassifier, NonFiniteLossError
 from .cam import CAMNet
 from .registry import create_model, is_model, list_models, register_model
+from .prototree import ProtoTree, ProtoTreeEnsemble
 
 __all__ = [
     "Backbone",
@@ -17,5 +18,6 @@ __all__ = [
     "list_models",
     "register_model",
 ]
+__all__ += ["ProtoTree", "ProtoTreeEnsemble"]
 from .icnn import InterpretableCNN, InterpretableLayer  # noqa: E402
 __all__ += ["InterpretableCNN", "InterpretableLayer"]
