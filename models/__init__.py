@@ -21,3 +21,5 @@ __all__ = [
 __all__ += ["ProtoTree", "ProtoTreeEnsemble"]
 from .icnn import InterpretableCNN, InterpretableLayer  # noqa: E402
 __all__ += ["InterpretableCNN", "InterpretableLayer"]
+from .protopnet import ProtoPNet, ProtoPNetEnsemble  # noqa: E402
+__all__ += ["ProtoPNet", "ProtoPNetEnsemble"]

@@ -23,6 +23,8 @@ from .backbones import ReceptiveField
 __all__ = [
     "NearestPatches",
     "PushResult",
+    "crop_patches",
+    "fetch_images",
     "high_activation_boxes",
     "l2_distances",
     "log_similarity",
@@ -31,6 +33,7 @@ __all__ = [
     "push_prototypes",
     "receptive_field_boxes",
     "similarity",
+    "upsample_maps",
 ]
 
 # Index sentinel while searching: larger than any sample index, so "found" candidates always win a tie.
@@ -236,6 +239,43 @@ def _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width):
         winner = torch.where(take, torch.full_like(winner, r), winner)
     ids = torch.arange(all_d.shape[1], device=all_d.device)
     return all_d[winner, ids], all_i[winner, ids], all_q[winner, ids], all_v[winner, ids], all_m[winner, ids], width
+
+
+def fetch_images(loader: Iterable, indices: Tensor) -> Tensor:
+    """The images (N, C, H, W) of the given sample indices, in that order.
+
+    Reads ``loader.dataset[i]`` when its items are dicts whose "index" is i (cheap: no model pass);
+    otherwise scans the loader once, merging ranks under torch.distributed.
+    """
+    wanted = [int(i) for i in indices.tolist()]
+    dataset = getattr(loader, "dataset", None)
+    if wanted and dataset is not None and hasattr(dataset, "__getitem__"):
+        try:
+            items = [dataset[i] for i in wanted]
+        except Exception:  # not indexable by sample index: fall back to scanning
+            items = []
+        if items and all(isinstance(it, dict) and int(it.get("index", -1)) == i for it, i in zip(items, wanted)):
+            return torch.stack([torch.as_tensor(it["image"]).float() for it in items])
+    slot = {i: n for n, i in enumerate(wanted)}
+    out, seen = None, torch.zeros(len(wanted))
+    for batch in loader:
+        images, _, index = _unpack_indexed(batch)
+        if out is None:
+            out = torch.zeros(len(wanted), *images.shape[1:])
+        for b, i in enumerate(index.tolist()):
+            if i in slot:
+                out[slot[i]], seen[slot[i]] = images[b].float().cpu(), 1
+    if out is None:
+        raise ValueError("fetch_images: the loader is empty")
+    if _world() > 1:  # gloo reduces CPU tensors; other backends want them on their device
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else out.device
+        out, seen = out.to(device), seen.to(device)
+        dist.all_reduce(out)
+        dist.all_reduce(seen)
+        out, seen = (out / seen.clamp_min(1)[:, None, None, None]).cpu(), seen.cpu()
+    if (seen == 0).any():
+        raise ValueError(f"fetch_images: sample indices {[i for i, s in zip(wanted, seen) if s == 0][:10]} not in the loader")
+    return out
 
 
 # -------------------------------------------------------------------------------------------- boxes

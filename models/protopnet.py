@@ -1,0 +1,593 @@
+"""ProtoPNet, "This Looks Like That" (Chen et al., NeurIPS 2019), as a LightningModule.
+
+trunk -> add-on (1x1 convs ending in a sigmoid) -> squared L2 distance of every latent patch to P
+prototypes (P x D x 1 x 1) -> global min pooling -> similarity log((d + 1) / (d + 1e-4)) -> linear
+layer without bias. Facts and defaults: ``specs/protonets.md`` section 1.
+
+Training follows the official schedule with manual optimisation and three optimisers (warm, joint,
+last layer); the phase of every Lightning epoch is a pure function of the epoch
+(`protopnet_schedule`), so a resumed run is in the right phase. Where the official code is
+followed or corrected is marked "Official:" in comments.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import Backbone, ReceptiveField
+from .base import Explanation, InterpretableClassifier
+from .prototypes import (
+    NearestPatches,
+    PushResult,
+    crop_patches,
+    fetch_images,
+    high_activation_boxes,
+    l2_distances,
+    nearest_patches,
+    push_prototypes,
+    receptive_field_boxes,
+    similarity,
+    upsample_maps,
+)
+from .registry import register_model
+
+__all__ = ["EpochPlan", "PHASES", "ProtoPNet", "ProtoPNetEnsemble", "protopnet_schedule"]
+
+PHASES = ("warm", "joint", "last")
+
+
+# ----------------------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one Lightning epoch does.
+
+    Attributes:
+        phase: ``"warm"`` (add-on + prototypes), ``"joint"`` (all but the last layer) or ``"last"``.
+        epoch: the official epoch it belongs to (a push epoch owns its last-layer epochs).
+        push: the prototypes are pushed at the start of this epoch (i.e. right after the official
+            push epoch's training and evaluation).
+        joint_epochs: joint epochs started so far, this one included.
+    """
+
+    phase: str
+    epoch: int
+    push: bool
+    joint_epochs: int
+
+
+def protopnet_schedule(
+    lightning_epoch: int,
+    num_warm_epochs: int = 5,
+    push_start: int = 10,
+    push_every: int = 10,
+    last_layer_epochs: int = 20,
+    num_train_epochs: int | None = None,
+) -> EpochPlan:
+    """The plan of a Lightning epoch under the official schedule.
+
+    Official epoch e trains warm (e < num_warm_epochs) or joint; when e >= push_start and
+    e % push_every == 0 it is followed by a push and `last_layer_epochs` last-layer passes, each a
+    Lightning epoch of its own (so each is validated and checkpointed). After `num_train_epochs`
+    official epochs every further Lightning epoch is last-layer only (e.g. after pruning).
+    """
+    first, joint = 0, 0  # first Lightning epoch of official epoch e; joint epochs so far
+    for e in itertools.count():
+        if num_train_epochs is not None and e == num_train_epochs:
+            return EpochPlan("last", e - 1, False, joint)
+        phase = "warm" if e < num_warm_epochs else "joint"
+        joint += phase == "joint"
+        span = 1 + (last_layer_epochs if e >= push_start and e % push_every == 0 else 0)
+        if lightning_epoch < first + span:
+            if lightning_epoch == first:
+                return EpochPlan(phase, e, False, joint)
+            return EpochPlan("last", e, lightning_epoch == first + 1, joint)
+        first += span
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------- model
+def _add_on_layers(kind: str, in_channels: int, dim: int) -> nn.Sequential:
+    """``regular``: conv1x1 C->D, ReLU, conv1x1 D->D, sigmoid. ``bottleneck``: halving pairs down to D."""
+    if kind == "regular":
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, dim, 1), nn.ReLU(), nn.Conv2d(dim, dim, 1), nn.Sigmoid()]
+    elif kind == "bottleneck":
+        layers, c = [], in_channels
+        while c > dim or not layers:
+            out = max(dim, c // 2)
+            layers += [nn.Conv2d(c, out, 1), nn.ReLU(), nn.Conv2d(out, out, 1), nn.ReLU() if out > dim else nn.Sigmoid()]
+            c //= 2
+    else:
+        raise ValueError(f"unknown add_on {kind!r}; expected 'regular' or 'bottleneck'")
+    for m in layers:
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+class ProtoPNet(InterpretableClassifier):
+    """Prototypical part network.
+
+    Args:
+        num_classes: K.
+        backbone, stage, pretrained_backbone: the trunk (see `Backbone`).
+        prototypes_per_class: prototypes of each class (P = K x this, ordered by class).
+        prototype_dim: D.
+        add_on: ``"regular"`` (the official settings) or ``"bottleneck"``.
+        similarity: ``"log"`` (log((d + 1) / (d + 1e-4))) or ``"linear"`` (-d).
+        cross_entropy_weight, cluster_weight, separation_weight, l1_weight: loss coefficients
+            (1, 0.8, -0.08, 1e-4).
+        num_warm_epochs, push_start, push_every, last_layer_epochs, num_train_epochs: the schedule
+            (see `protopnet_schedule`); num_train_epochs None = repeat warm/joint/push forever.
+        warm_lr_add_on, warm_lr_prototypes: warm Adam.
+        joint_lr_backbone, joint_lr_add_on, joint_lr_prototypes, joint_lr_step_size, joint_lr_gamma:
+            joint Adam with step decay.
+        official_lr_offset: step the joint decay before each joint epoch as the official code does
+            (x0.1 from the 5th joint epoch on); False = after (from the 6th).
+        last_layer_lr: last-layer Adam.
+        conv_weight_decay: of the backbone and add-on (prototypes and last layer: none).
+        freeze_bn_stats: keep BatchNorm statistics of a frozen backbone fixed (official: they move).
+        patch_size: side of the stored uint8 prototype patches.
+        **kwargs: `InterpretableClassifier` arguments (mean, std, check_finite); its optimiser
+            arguments do not apply (the phases have their own).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet34",
+        stage: int | None = None,
+        pretrained_backbone: bool | str = False,
+        prototypes_per_class: int = 10,
+        prototype_dim: int = 128,
+        add_on: Literal["regular", "bottleneck"] = "regular",
+        similarity: Literal["log", "linear"] = "log",
+        cross_entropy_weight: float = 1.0,
+        cluster_weight: float = 0.8,
+        separation_weight: float = -0.08,
+        l1_weight: float = 1e-4,
+        num_warm_epochs: int = 5,
+        push_start: int = 10,
+        push_every: int = 10,
+        last_layer_epochs: int = 20,
+        num_train_epochs: int | None = None,
+        warm_lr_add_on: float = 3e-3,
+        warm_lr_prototypes: float = 3e-3,
+        joint_lr_backbone: float = 1e-4,
+        joint_lr_add_on: float = 3e-3,
+        joint_lr_prototypes: float = 3e-3,
+        joint_lr_step_size: int = 5,
+        joint_lr_gamma: float = 0.1,
+        official_lr_offset: bool = True,
+        last_layer_lr: float = 1e-4,
+        conv_weight_decay: float = 1e-3,
+        freeze_bn_stats: bool = False,
+        patch_size: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        if num_classes < 2:
+            raise ValueError(f"ProtoPNet needs num_classes >= 2 (separation needs other classes), got {num_classes}")
+        if prototypes_per_class < 1 or prototype_dim < 1:
+            raise ValueError(f"prototypes_per_class and prototype_dim must be >= 1, got {prototypes_per_class}, {prototype_dim}")
+        if similarity not in ("log", "linear"):
+            raise ValueError(f"unknown similarity {similarity!r}; expected 'log' or 'linear'")
+        if push_every < 1 or last_layer_epochs < 1:
+            raise ValueError(f"push_every and last_layer_epochs must be >= 1, got {push_every}, {last_layer_epochs}")
+        if num_train_epochs is not None and not (
+            num_train_epochs >= 1 and num_train_epochs - 1 >= push_start and (num_train_epochs - 1) % push_every == 0
+        ):
+            raise ValueError(
+                f"num_train_epochs={num_train_epochs} must end with a push epoch (>= push_start={push_start}, "
+                f"a multiple of push_every={push_every}), so that training ends on pushed prototypes"
+            )
+        self.automatic_optimization = False
+        self.similarity_kind = similarity
+
+        self.backbone = Backbone(backbone, stage=stage, pretrained=pretrained_backbone)
+        self.add_on = _add_on_layers(add_on, self.backbone.out_channels, prototype_dim)
+        num_prototypes = num_classes * prototypes_per_class
+        self.prototype_vectors = nn.Parameter(torch.rand(num_prototypes, prototype_dim, 1, 1))
+        identity = torch.zeros(num_prototypes, num_classes)
+        identity[torch.arange(num_prototypes), torch.arange(num_prototypes) // prototypes_per_class] = 1
+        self.register_buffer("prototype_class_identity", identity)
+        self.last_layer = nn.Linear(num_prototypes, num_classes, bias=False)
+        with torch.no_grad():  # 1 to the prototype's own class, -0.5 to the others
+            self.last_layer.weight.copy_(identity.T - 0.5 * (1 - identity.T))
+
+        # Push records, pre-registered with fixed shapes so that load_state_dict works.
+        p = num_prototypes
+        self.register_buffer("prototype_mask", torch.ones(p, dtype=torch.bool))  # False = pruned
+        self.register_buffer("push_epoch", torch.tensor(-1))  # Lightning epoch of the last push
+        self.register_buffer("prototype_source_index", torch.full((p,), -1))
+        self.register_buffer("prototype_position", torch.full((p, 2), -1))
+        self.register_buffer("prototype_distance", torch.full((p,), float("inf")))
+        self.register_buffer("prototype_rf_box", torch.full((p, 4), -1))  # (x0, y0, x1, y1)
+        self.register_buffer("prototype_box", torch.full((p, 4), -1))  # 95th-percentile box
+        self.register_buffer("prototype_patch", torch.zeros(p, 3, patch_size, patch_size, dtype=torch.uint8))
+        self.register_buffer("prototype_image_size", torch.zeros(2, dtype=torch.long))  # (H, W) of the push images
+        self.phase = "warm"
+
+    # ------------------------------------------------------------------------------ properties
+    @property
+    def num_prototypes(self) -> int:
+        return self.prototype_vectors.shape[0]
+
+    @property
+    def prototype_classes(self) -> Tensor:
+        """(P,) class of each prototype."""
+        return self.prototype_class_identity.argmax(dim=1)
+
+    def receptive_field(self, image_size: int) -> ReceptiveField:
+        """Of one latent cell (the add-on is 1x1, so the trunk's)."""
+        return self.backbone.receptive_field(image_size)
+
+    # --------------------------------------------------------------------------------- forward
+    def latent(self, images: Tensor) -> Tensor:
+        """z = add_on(trunk(normalise(images))): (B, D, h, w) in (0, 1)."""
+        return self.add_on(self.backbone(self.normalize(images)))
+
+    def distances(self, images: Tensor) -> Tensor:
+        """Squared L2 distance of every latent patch to every prototype: (B, P, h, w)."""
+        return l2_distances(self.latent(images), self.prototype_vectors)
+
+    def logits_from_distances(self, min_distances: Tensor) -> Tensor:
+        sims = similarity(min_distances, self.similarity_kind)
+        return self.last_layer(sims * self.prototype_mask)  # pruned prototypes contribute nothing
+
+    def forward_with_distances(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits (B, K), min_distances (B, P)) with global min pooling over the latent map."""
+        min_distances = self.distances(images).flatten(2).amin(dim=2)
+        return self.logits_from_distances(min_distances), min_distances
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_with_distances(images)[0]
+
+    # ---------------------------------------------------------------------------------- losses
+    def prototype_losses(self, min_distances: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Cluster, separation, average separation (logged only) and L1 terms.
+
+        Masked minima (masked_fill(+inf).amin) instead of the official `max_dist - ...` trick,
+        which is only exact while every distance is <= D.
+        """
+        identity = self.prototype_class_identity.bool()
+        own = identity[:, labels].T & self.prototype_mask  # (B, P)
+        wrong = ~identity[:, labels].T & self.prototype_mask
+        inf = torch.full_like(min_distances, float("inf"))
+        cluster = torch.where(own, min_distances, inf).amin(dim=1)
+        # A class whose prototypes were all pruned has nothing to pull: its term is 0, not inf.
+        cluster = torch.where(own.any(dim=1), cluster, torch.zeros_like(cluster))
+        separation = torch.where(wrong, min_distances, inf).amin(dim=1)
+        avg_separation = (min_distances * wrong).sum(dim=1) / wrong.sum(dim=1).clamp_min(1)
+        l1 = (self.last_layer.weight * (1 - self.prototype_class_identity.T)).abs().sum()
+        return {
+            "cluster": cluster.mean(),
+            "separation": separation.mean(),
+            "avg_separation": avg_separation.mean(),
+            "l1": l1,
+        }
+
+    def compute_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        hp = self.hparams
+        logits, min_distances = self.forward_with_distances(images)
+        terms = {"cross_entropy": F.cross_entropy(logits, labels), **self.prototype_losses(min_distances, labels)}
+        total = (
+            hp.cross_entropy_weight * terms["cross_entropy"]
+            + hp.cluster_weight * terms["cluster"]
+            + hp.separation_weight * terms["separation"]
+            + hp.l1_weight * terms["l1"]
+        )
+        if self.training:  # the official "p dist pair": mean pairwise squared distance of the prototypes
+            protos = self.prototype_vectors.detach().flatten(1)
+            terms["prototype_pair_distance"] = torch.cdist(protos, protos).pow(2).mean()
+        return logits, {"loss": total, **terms}
+
+    # ---------------------------------------------------------------------------------- phases
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The schedule's plan for a Lightning epoch (default: the current one)."""
+        hp = self.hparams
+        return protopnet_schedule(
+            self.current_epoch if epoch is None else epoch,
+            hp.num_warm_epochs, hp.push_start, hp.push_every, hp.last_layer_epochs, hp.num_train_epochs,
+        )
+
+    def schedule_length(self) -> int | None:
+        """Lightning epochs needed to finish `num_train_epochs` (None when unbounded)."""
+        hp = self.hparams
+        if hp.num_train_epochs is None:
+            return None
+        pushes = sum(e >= hp.push_start and e % hp.push_every == 0 for e in range(hp.num_train_epochs))
+        return hp.num_train_epochs + pushes * hp.last_layer_epochs
+
+    def phase_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        return {"backbone": self.backbone, "add_on": self.add_on, "prototypes": self.prototype_vectors,
+                "last_layer": self.last_layer}
+
+    def set_phase(self, phase: str) -> None:
+        """Switch `requires_grad` to the phase.
+
+        warm: add-on + prototypes; joint: backbone + add-on + prototypes; last: last layer.
+        Official: the last layer keeps requires_grad=True in warm and joint but is in neither
+        optimiser, so it never changes there; we freeze it instead, which trains identically and
+        skips its gradient.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        trainable = {"warm": {"add_on", "prototypes"}, "joint": {"backbone", "add_on", "prototypes"},
+                     "last": {"last_layer"}}[phase]
+        for name, part in self.phase_modules().items():
+            params = [part] if isinstance(part, nn.Parameter) else list(part.parameters())
+            for p in params:
+                p.requires_grad_(name in trainable)
+                p.grad = None
+        self.phase = phase
+        self.train(self.training)  # re-applies freeze_bn_stats
+
+    def train(self, mode: bool = True) -> "ProtoPNet":
+        super().train(mode)
+        # Official: BN statistics of the frozen trunk keep moving in warm and last-layer phases
+        # (model.train() throughout). freeze_bn_stats=True holds them instead.
+        if mode and self.hparams.get("freeze_bn_stats") and getattr(self, "phase", "warm") != "joint":
+            self.backbone.eval()
+        return self
+
+    def _lr_factor(self, joint_epochs: int) -> float:
+        hp = self.hparams
+        # Official: joint_lr_scheduler.step() runs *before* each joint epoch's training (the
+        # pre-1.1 PyTorch idiom), so the k-th joint epoch runs at gamma^floor(k / step_size).
+        steps = joint_epochs if hp.official_lr_offset else joint_epochs - 1
+        return hp.joint_lr_gamma ** (max(steps, 0) // hp.joint_lr_step_size)
+
+    def on_fit_start(self) -> None:
+        total = self.schedule_length()
+        max_epochs = self.trainer.max_epochs if self._trainer is not None else None
+        if total is not None and max_epochs is not None and 0 <= max_epochs < total:
+            warnings.warn(f"the ProtoPNet schedule needs {total} epochs but trainer.max_epochs={max_epochs}", stacklevel=2)
+
+    def on_train_epoch_start(self) -> None:
+        plan = self.plan()
+        if plan.push and int(self.push_epoch) != self.current_epoch:
+            raise RuntimeError(
+                f"epoch {self.current_epoch} starts the last-layer phase after the push of official epoch "
+                f"{plan.epoch}, but no push ran: add train.prototypes.PrototypePush to trainer.callbacks"
+            )
+        self.set_phase(plan.phase)
+        if plan.phase == "joint":
+            # The lr is a function of the epoch (no scheduler state to drift on resume).
+            joint = self.optimizers()[PHASES.index("joint")].optimizer
+            for group in joint.param_groups:
+                group["lr"] = group["initial_lr"] * self._lr_factor(plan.joint_epochs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()[PHASES.index(self.phase)]
+        loss = self._shared_step(batch, "train")
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+    def on_validation_epoch_end(self) -> None:
+        # val/acc_pushed: validation accuracy of a pushed model, 0 while the prototypes are not the
+        # pushed ones, so that ModelCheckpoint(monitor="val/acc_pushed") only selects interpretable models.
+        pushed = self.plan().phase == "last" and int(self.push_epoch) >= 0
+        acc = self.val_metrics["acc"].compute() if pushed else torch.zeros((), device=self.device)
+        self.log("val/acc_pushed", acc, sync_dist=False)  # compute() already syncs across ranks
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        hp = self.hparams
+        if hp.get("group_lr"):
+            raise ValueError("ProtoPNet's learning rates are per phase (warm_lr_*, joint_lr_*, last_layer_lr), not group_lr")
+        wd = hp.conv_weight_decay
+        add_on, backbone = list(self.add_on.parameters()), list(self.backbone.parameters())
+        warm = torch.optim.Adam([
+            {"params": add_on, "lr": hp.warm_lr_add_on, "weight_decay": wd, "name": "add_on"},
+            {"params": [self.prototype_vectors], "lr": hp.warm_lr_prototypes, "name": "prototypes"},
+        ])
+        joint = torch.optim.Adam([
+            {"params": backbone, "lr": hp.joint_lr_backbone, "weight_decay": wd, "name": "backbone"},
+            {"params": add_on, "lr": hp.joint_lr_add_on, "weight_decay": wd, "name": "add_on"},
+            {"params": [self.prototype_vectors], "lr": hp.joint_lr_prototypes, "name": "prototypes"},
+        ])
+        for group in joint.param_groups:
+            group["initial_lr"] = group["lr"]
+        last = torch.optim.Adam([{"params": self.last_layer.parameters(), "lr": hp.last_layer_lr, "name": "last_layer"}])
+        return [warm, joint, last]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {"backbone": list(self.backbone.parameters()), "add_on": list(self.add_on.parameters()),
+                "prototypes": [self.prototype_vectors], "last_layer": list(self.last_layer.parameters())}
+
+    # ------------------------------------------------------------------------------------ push
+    def _eval_mode(self):
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        return modes
+
+    @staticmethod
+    def _restore_mode(modes: dict[nn.Module, bool]) -> None:
+        for m, training in modes.items():
+            m.training = training
+
+    @torch.no_grad()
+    def push(self, loader: Iterable, epoch: int | None = None, percentile: float = 95.0) -> PushResult:
+        """Replace every prototype by its nearest latent patch from an image of its own class.
+
+        `loader` gives un-augmented dict batches with "image", "label", "index" (e.g. the
+        datamodule's `push_dataloader()`). Also records per prototype the source index, latent
+        position, distance, receptive-field box, `percentile` high-activation box and the patch.
+        Raises ValueError, before changing anything, if some class has no image in `loader`.
+        """
+        modes = self._eval_mode()
+        try:
+            result = push_prototypes(self.latent, self.prototype_vectors, loader,
+                                     allowed_classes=self.prototype_class_identity.bool(), device=self.device)
+        finally:
+            self._restore_mode(modes)
+        missing = ~result.found & self.prototype_mask
+        if missing.any():
+            classes = sorted(set(self.prototype_classes[missing].tolist()))
+            raise ValueError(f"push: no image of class(es) {classes[:20]} in the push data; prototypes left unchanged")
+
+        found = result.found
+        sources, inverse = torch.unique(result.sample_index[found], return_inverse=True)
+        images = fetch_images(loader, sources).to(self.device)
+        size = tuple(images.shape[-2:])
+        boxes = torch.full((self.num_prototypes, 4), -1, dtype=torch.long, device=self.device)
+        boxes[found] = high_activation_boxes(similarity(result.distance_map[found], self.similarity_kind), size, percentile)[0]
+        patches = self.prototype_patch.clone()
+        patches[found] = crop_patches(images, inverse, boxes[found], self.hparams.patch_size).to(self.device)
+        rf_boxes = receptive_field_boxes(self.receptive_field(size[0]), self.receptive_field(size[1]), result.position.cpu())
+
+        self.prototype_vectors.copy_(torch.where(found[:, None], result.vectors, self.prototype_vectors.flatten(1)).view_as(self.prototype_vectors))
+        self.prototype_source_index.copy_(result.sample_index)
+        self.prototype_position.copy_(result.position)
+        self.prototype_distance.copy_(result.distance)
+        self.prototype_rf_box.copy_(rf_boxes)
+        self.prototype_box.copy_(boxes)
+        self.prototype_patch.copy_(patches)
+        self.prototype_image_size.copy_(torch.tensor(size))
+        self.push_epoch.fill_(self.current_epoch if epoch is None else epoch)
+        return result
+
+    # --------------------------------------------------------------------- pruning and analysis
+    @torch.no_grad()
+    def nearest_patches(self, loader: Iterable, k: int = 6) -> NearestPatches:
+        """The k nearest images (by their nearest patch) of every prototype in `loader` (global analysis)."""
+        modes = self._eval_mode()
+        try:
+            return nearest_patches(self.latent, self.prototype_vectors, loader, k=k, device=self.device)
+        finally:
+            self._restore_mode(modes)
+
+    @torch.no_grad()
+    def prune(self, loader: Iterable, k: int = 6, threshold: int = 3) -> Tensor:
+        """Prune prototypes with fewer than `threshold` of their `k` nearest patches from their own class.
+
+        Deviation: the official code slices the prototypes out; we mask them (prototype_mask, and
+        their last-layer columns are zeroed), which gives the same logits and keeps parameter
+        shapes, optimiser state and checkpoints valid. Returns the ids pruned now.
+        """
+        nearest = self.nearest_patches(loader, k)
+        own = (nearest.label == self.prototype_classes[:, None]).sum(dim=1)
+        pruned = (own < threshold) & self.prototype_mask
+        self.prototype_mask &= ~pruned
+        self.last_layer.weight[:, pruned] = 0
+        return pruned.nonzero().squeeze(1)
+
+    # ------------------------------------------------------------------------------ explanation
+    @torch.no_grad()
+    def explain(self, images: Tensor, target: Tensor | int | None = None, top_k: int = 10,
+                percentile: float = 95.0) -> Explanation:
+        """The top-k most activated prototypes of each image, and a heatmap for the target class.
+
+        heatmap: sum over the target class's prototypes j of w[target, j] x the bicubically
+        upsampled similarity map of j (bicubic is linear, so summing before upsampling is exact).
+
+        evidence (k = top_k, per image): ``prototype_ids`` (B, k), ``similarity``, ``weight`` (last-layer
+        weight to the target), ``contribution`` (similarity x weight), ``prototype_class``,
+        ``prototype_patch`` (B, k, 3, S, S) uint8, ``prototype_box`` and ``prototype_rf_box`` (boxes in
+        the source image, x0, y0, x1, y1), ``prototype_source_index``, ``activation_map`` (B, k, H, W)
+        on the test image, ``box`` (B, k, 4) its `percentile` box, and ``boxes`` (B, 4) the box of the heatmap.
+        """
+        size = tuple(images.shape[-2:])
+        maps = self.distances(images)  # (B, P, h, w)
+        min_distances = maps.flatten(2).amin(dim=2)
+        logits = self.logits_from_distances(min_distances)
+        target = self._target(logits, target)
+        sim_maps = similarity(maps, self.similarity_kind)
+        sims = similarity(min_distances, self.similarity_kind)
+        weights = self.last_layer.weight[target]  # (B, P)
+        k = min(top_k, int(self.prototype_mask.sum()))
+        ids = sims.masked_fill(~self.prototype_mask, float("-inf")).topk(k, dim=1).indices
+        take = lambda t: t.gather(1, ids)  # noqa: E731
+        b, _, h, w = maps.shape
+        act = sim_maps.gather(1, ids[:, :, None, None].expand(b, k, h, w))
+        act_up = upsample_maps(act.flatten(0, 1), size).view(b, k, *size)
+        act_boxes = high_activation_boxes(act.flatten(0, 1), size, percentile)[0].view(b, k, 4)
+        of_target = self.prototype_class_identity.bool()[:, target].T & self.prototype_mask
+        heat = torch.einsum("bp,bphw->bhw", weights * of_target, sim_maps)
+        heatmap = upsample_maps(heat, size)
+        evidence = {
+            "prototype_ids": ids,
+            "similarity": take(sims),
+            "weight": take(weights),
+            "contribution": take(sims * weights),
+            "prototype_class": self.prototype_classes[ids],
+            "prototype_patch": self.prototype_patch[ids],
+            "prototype_box": self.prototype_box[ids],
+            "prototype_rf_box": self.prototype_rf_box[ids],
+            "prototype_source_index": self.prototype_source_index[ids],
+            "activation_map": act_up,
+            "box": act_boxes,
+            "boxes": high_activation_boxes(heat, size, percentile)[0],
+        }
+        return Explanation(logits=logits, target=target, heatmap=heatmap, evidence=evidence)
+
+
+# ---------------------------------------------------------------------------------------- ensemble
+class ProtoPNetEnsemble(nn.Module):
+    """Sum of the logits of several ProtoPNets (the paper's ensembles of VGG19, ResNet34 and DenseNet121)."""
+
+    def __init__(self, models: Sequence[ProtoPNet]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("an ensemble needs at least one model")
+        classes = {m.num_classes for m in models}
+        if len(classes) != 1:
+            raise ValueError(f"ensemble members disagree on num_classes: {sorted(classes)}")
+        self.models = nn.ModuleList(models)
+        self.num_classes = classes.pop()
+
+    @classmethod
+    def from_checkpoints(cls, paths: Sequence[str | Path], map_location: str | torch.device = "cpu") -> "ProtoPNetEnsemble":
+        """Load each Lightning checkpoint with `ProtoPNet.load_from_checkpoint`."""
+        return cls([ProtoPNet.load_from_checkpoint(p, map_location=map_location) for p in paths])
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.stack([m(images) for m in self.models]).sum(dim=0)
+
+
+# ---------------------------------------------------------------------------------------- builders
+def _protopnet(backbone: str, prototype_dim: int, **kwargs: Any) -> ProtoPNet:
+    kwargs.setdefault("num_classes", 200)
+    kwargs.setdefault("prototype_dim", prototype_dim)
+    return ProtoPNet(backbone=backbone, **kwargs)
+
+
+@register_model
+def protopnet_vgg19(**kwargs: Any) -> ProtoPNet:
+    """VGG-19 trunk, D = 128 (the official notebook's choice), 10 prototypes per class."""
+    return _protopnet("vgg19", 128, **kwargs)
+
+
+@register_model
+def protopnet_resnet34(**kwargs: Any) -> ProtoPNet:
+    """ResNet-34 trunk, D = 256."""
+    return _protopnet("resnet34", 256, **kwargs)
+
+
+@register_model
+def protopnet_densenet121(**kwargs: Any) -> ProtoPNet:
+    """DenseNet-121 trunk, D = 128."""
+    return _protopnet("densenet121", 128, **kwargs)
+
+
+@register_model
+def protopnet_resnet18(**kwargs: Any) -> ProtoPNet:
+    """ResNet-18 trunk, D = 128."""
+    return _protopnet("resnet18", 128, **kwargs)
+
+
+@register_model
+def protopnet_test_resnet(**kwargs: Any) -> ProtoPNet:
+    """timm's tiny `test_resnet` trunk, D = 16, 2 prototypes per class: for tests."""
+    kwargs.setdefault("num_classes", 4)
+    kwargs.setdefault("prototypes_per_class", 2)
+    return _protopnet("test_resnet", 16, **kwargs)
