@@ -499,6 +499,7 @@ class ProtoTree(InterpretableClassifier):
 
         The removed subtree's parent is removed too and its sibling takes the parent's place (the parent
         is forced towards the sibling). The root is never removed. Returns the removed node ids.
+        Note that max_k softmax >= 1/K, so a threshold below 1/K (0.01 with K <= 100) prunes nothing.
         """
         before = self.kept_mask()
         below = _descendant_leaves(self.depth, before.device)
@@ -509,9 +510,11 @@ class ProtoTree(InterpretableClassifier):
         if prunable[0]:
             warnings.warn(f"every leaf is below the pruning threshold {threshold}; the tree is left unpruned")
             return []
-        structure = self.structure()
-        for parent, (left, right) in structure.children.items():
-            # Two prunable children would make the parent prunable, so at most one side goes.
+        for parent, (left, right) in self.structure().children.items():
+            # Only maximal prunable subtrees go (their parent is not prunable), so at most one side of a
+            # parent. As in the official prune.py a child of the root is kept: removing it removes the root.
+            if parent == 0 or prunable[parent]:
+                continue
             if prunable[left] or prunable[right]:
                 self.forced_route[parent] = 0 if prunable[right] else 1
         after = self.kept_mask()
