@@ -106,3 +106,114 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+# ProtoTree
+def _class_name(c: int, class_names: Sequence[str] | None) -> str:
+    return class_names[c] if class_names is not None and c < len(class_names) else str(c)
+
+
+def tree_dot(model, class_names: Sequence[str] | None = None, image_dir: str | Path | None = None) -> str:
+    """Graphviz DOT of a (pruned) ProtoTree: decision nodes, leaves with their class distribution.
+
+    Each decision node shows its prototype patch when ``image_dir/node_<id>.png`` exists (see
+    `render_tree`), else its node and prototype ids. Each leaf shows one grey cell per class,
+    255 (1 - p) as in the official visualisation, and its argmax class. Edges are labelled "Absent"
+    (left) and "Present" (right). Node ids are the model's breadth-first ids (``n<id>``).
+    """
+    structure = model.structure()
+    dists = model.leaf_distributions().detach().float().cpu()
+    lines = ["digraph ProtoTree {", '  node [shape=plaintext, fontname="Helvetica", fontsize=10];',
+             '  edge [fontname="Helvetica", fontsize=9];']
+    for node in structure.internal:
+        proto = int(model.node_prototype[node])
+        text = f"node {node} · prototype {proto}"
+        image = Path(image_dir).resolve() / f"node_{node}.png" if image_dir is not None else None
+        if image is not None and image.is_file():
+            label = f'<<TABLE BORDER="0"><TR><TD><IMG SRC="{image}"/></TD></TR><TR><TD>{text}</TD></TR></TABLE>>'
+        else:
+            label = f'<<TABLE BORDER="1" CELLBORDER="0"><TR><TD>{text}</TD></TR></TABLE>>'
+        lines.append(f"  n{node} [label={label}];")
+    for node in structure.leaves:
+        dist = dists[node - structure.num_internal]
+        top = int(dist.argmax())
+        greys = [f"{int(255 * (1 - float(p))):02x}" * 3 for p in dist]
+        width = max(1, 120 // len(dist))
+        cells = "".join(f'<TD BGCOLOR="#{g}" WIDTH="{width}" HEIGHT="12"></TD>' for g in greys)
+        name = _class_name(top, class_names).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        label = (f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="0"><TR>{cells}</TR>'
+                 f'<TR><TD COLSPAN="{len(dist)}">leaf {node - structure.num_internal}: {name} ({float(dist[top]):.2f})</TD></TR></TABLE>>')
+        lines.append(f"  n{node} [label={label}];")
+    for node, (left, right) in structure.children.items():
+        lines.append(f'  n{node} -> n{left} [label="Absent"];')
+        lines.append(f'  n{node} -> n{right} [label="Present"];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def render_tree(model, path: str | Path, class_names: Sequence[str] | None = None) -> Path:
+    """Write the tree as ``<path>.dot`` (with prototype patch PNGs beside it) and render it with `dot`.
+
+    The format follows the suffix of `path` (``.svg`` by default, ``.png``, ``.pdf``). Returns the
+    rendered file, or the ``.dot`` file when Graphviz's `dot` is not installed.
+    """
+    import shutil
+    import subprocess
+
+    path = Path(path)
+    if path.suffix not in (".svg", ".png", ".pdf"):
+        path = path.with_suffix(".svg")
+    image_dir = path.with_name(path.stem + "_patches")
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for node in model.structure().internal:
+        proto = int(model.node_prototype[node])
+        if int(model.prototype_source[proto]) >= 0:  # projected: a real image patch is stored
+            plt.imsave(image_dir / f"node_{node}.png", to_numpy_image(model.prototype_patch[proto]))
+    dot_path = path.with_suffix(".dot")
+    dot_path.write_text(tree_dot(model, class_names, image_dir))
+    dot = shutil.which("dot")
+    if dot is None:
+        return dot_path
+    subprocess.run([dot, f"-T{path.suffix[1:]}", str(dot_path), "-o", str(path)], check=True, capture_output=True)
+    return path
+
+
+def tree_path_figure(model, image: torch.Tensor, explanation, index: int = 0,
+                     class_names: Sequence[str] | None = None) -> Figure:
+    """Local explanation of one image: its greedy path, node by node, then the leaf's distribution.
+
+    Top row: the prototype patch of each decision node. Bottom row: the image with the box of its
+    best-matching patch and "Present, similarity s", or the plain image and "Absent". The last column
+    shows the path's heatmap and the leaf distribution with the predicted class.
+    """
+    steps = explanation.evidence["path"][index]
+    n = len(steps) + 1
+    fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.4), squeeze=False)
+    img = to_numpy_image(image)
+    for col, step in enumerate(steps):
+        top, bottom = axes[0, col], axes[1, col]
+        top.imshow(to_numpy_image(model.prototype_patch[step["prototype"]]))
+        projected = int(model.prototype_source[step["prototype"]]) >= 0
+        top.set_title(f"node {step['node']}" + ("" if projected else " (not projected)"), fontsize=8)
+        bottom.imshow(img)
+        if step["present"]:
+            _draw_box(bottom, step["box"])
+            bottom.set_title(f"Present, similarity {step['similarity']:.2f}", fontsize=7)
+        else:
+            bottom.set_title("Absent", fontsize=7)
+    dist = explanation.evidence["leaf_distribution"][index].detach().float().cpu().numpy()
+    pred = int(dist.argmax())
+    axes[0, -1].imshow(overlay_heatmap(image, explanation.heatmap[index]))
+    axes[0, -1].set_title("path heatmap", fontsize=8)
+    axes[1, -1].bar(np.arange(len(dist)), dist, color="0.4")
+    axes[1, -1].set_ylim(0, 1)
+    axes[1, -1].set_title(f"leaf {int(explanation.evidence['leaf'][index])}: {_class_name(pred, class_names)}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("ProtoTree decision path (left = absent, right = present)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["tree_dot", "render_tree", "tree_path_figure"]
