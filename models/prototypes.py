@@ -335,8 +335,11 @@ def crop_patches(images: Tensor, image_ids: Tensor, boxes: Tensor, size: int = 3
 
     if len(boxes) == 0:
         return torch.zeros(0, images.shape[1], size, size, dtype=torch.uint8)
-    rois = torch.cat([image_ids[:, None].to(images), boxes.to(images)], dim=1)
-    # aligned=True: box edges are pixel edges (pixel i spans [i, i + 1)), as in our boxes.
+    # aligned=True: box edges are pixel edges (pixel i spans [i, i + 1)). Shrinking the box by half a
+    # pixel keeps every bilinear sample between the centres of the box's own pixels (no bleeding in
+    # of the pixels around it), like resizing the crop alone.
+    inner = boxes.to(images) + torch.tensor([0.5, 0.5, -0.5, -0.5], device=images.device)
+    rois = torch.cat([image_ids[:, None].to(images), inner], dim=1)
     crops = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
     return (crops.clamp(0, 1) * 255).round().to(torch.uint8)
 
