@@ -1,0 +1,464 @@
+"""Post-hoc explanation methods behind one signature: ``attribute(model, images, target, method) -> (B, H, W)``.
+
+Any model that maps images (B, 3, H, W) to logits (B, K) works: every zoo model (they take images in
+[0, 1] and normalise inside), a plain timm / torchvision classifier (then pass normalised images), and
+prototype models (point ``layer`` at the similarity maps to run a CAM method on them).
+
+Pixel methods are captum's (saliency, gradient x input, integrated gradients, SmoothGrad, guided
+backprop, DeepLIFT, occlusion, LIME, Kernel SHAP); the CAM family (Grad-CAM, Grad-CAM++, Score-CAM,
+Layer-CAM) and RISE are written here, batched on the model's device. Maps are returned raw (no min-max
+scaling, sign kept where the method has one); metrics normalise what they need.
+
+Notes:
+- Call ``model.eval()`` first: in train mode dropout makes maps random and batch norm couples the
+  images of a batch (the CAM methods sum the target scores of the batch before differentiating).
+- Gradient methods need autograd. Lightning runs ``test``/``predict`` under ``torch.inference_mode``,
+  which no code inside can undo for the batch tensors: create the Trainer with
+  ``Trainer(inference_mode=False)`` (Lightning then uses ``no_grad``, which is lifted here). Under
+  inference mode the gradient methods raise `InferenceModeError`; perturbation methods (occlusion, LIME,
+  Kernel SHAP, Score-CAM, RISE) and ``"intrinsic"`` still work.
+- Every hook is removed when a method returns or raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import warnings
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "InferenceModeError",
+    "attribute",
+    "list_methods",
+    "register_method",
+    "find_layer",
+    "resolve_layer",
+    "baseline_colour",
+    "grid_segments",
+]
+
+_GRADIENT_METHODS: set[str] = set()
+_LAYER_METHODS: set[str] = set()
+_METHODS: dict[str, Callable[..., Tensor]] = {}
+
+
+class InferenceModeError(RuntimeError):
+    """A gradient method was called under ``torch.inference_mode``."""
+
+
+def register_method(name: str, gradient: bool = False, layer: bool = False) -> Callable:
+    """Register ``fn(model, images, target, layer, **kw) -> (B, H, W)`` under `name`."""
+
+    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in _METHODS:
+            raise ValueError(f"explanation method {name!r} is registered twice")
+        _METHODS[name] = fn
+        if gradient:
+            _GRADIENT_METHODS.add(name)
+        if layer:
+            _LAYER_METHODS.add(name)
+        return fn
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    """Names accepted by `attribute`, sorted."""
+    return sorted(_METHODS)
+
+
+def attribute(
+    model: nn.Module,
+    images: Tensor,
+    target: Tensor | int | None = None,
+    method: str = "gradcam",
+    layer: nn.Module | str | None = None,
+    **kw,
+) -> Tensor:
+    """Explain the `target` class (default: the prediction) of each image with `method`.
+
+    Args:
+        model: maps (B, C, H, W) to logits (B, K).
+        images: (B, C, H, W) float, in the space the model takes (zoo models: [0, 1]).
+        target: class per image (B,), one class for all, or None for the predicted class.
+        method: one of `list_methods()`.
+        layer: for CAM methods, a module or dotted module name (``"backbone.body.layer4"``); None takes
+            the last module with a 4-D output (see `find_layer`).
+        **kw: method options (see each method's docstring in this module).
+
+    Returns:
+        (B, H, W) float heatmap on the images' device, higher = more evidence for the target.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown explanation method {method!r}; choose from {list_methods()}")
+    if not (isinstance(images, Tensor) and images.ndim == 4 and images.is_floating_point()):
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a float tensor (B, C, H, W), got {got}")
+    fn = _METHODS[method]
+    allowed = set(inspect.signature(fn).parameters) - {"model", "images", "target", "layer"}
+    unknown = set(kw) - allowed
+    if unknown:
+        raise TypeError(f"method {method!r} has no option(s) {sorted(unknown)}; its options are {sorted(allowed)}")
+    if method in _GRADIENT_METHODS and torch.is_inference_mode_enabled():
+        raise InferenceModeError(
+            f"method {method!r} needs gradients but torch.inference_mode is on; in Lightning create the "
+            "Trainer with Trainer(inference_mode=False), elsewhere leave the inference_mode block"
+        )
+    target = _resolve_target(model, images, target)
+    module = resolve_layer(model, layer, images) if method in _LAYER_METHODS else None
+    if method in _GRADIENT_METHODS:
+        context = torch.enable_grad()
+    elif method == "intrinsic":  # a family's explain() decides for itself
+        context = contextlib.nullcontext()
+    else:
+        context = torch.no_grad()
+    with context, warnings.catch_warnings():
+        # captum announces every hook it sets and every per-example surrogate it fits
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"captum\.")
+        heatmap = fn(model, images, target, module, **kw)
+    return heatmap.detach().float()
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def _resolve_target(model: nn.Module, images: Tensor, target: Tensor | int | None) -> Tensor:
+    batch = images.shape[0]
+    if target is None:
+        with torch.no_grad():
+            return model(images).argmax(dim=1)
+    if isinstance(target, int):
+        return torch.full((batch,), target, dtype=torch.long, device=images.device)
+    target = torch.as_tensor(target, device=images.device).long().reshape(-1)
+    if target.shape[0] != batch:
+        raise ValueError(f"target must have one class per image ({batch}), got shape {tuple(target.shape)}")
+    return target
+
+
+def resolve_layer(model: nn.Module, layer: nn.Module | str | None, images: Tensor | None = None) -> nn.Module:
+    """A module of `model` from a module, a dotted name, or None (see `find_layer`)."""
+    if isinstance(layer, nn.Module):
+        return layer
+    if isinstance(layer, str):
+        try:
+            return model.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n][-8:]
+            raise ValueError(f"model has no layer {layer!r}; its last module names are {names}") from None
+    if layer is None:
+        if images is None:
+            raise ValueError("layer=None needs images to find the last 4-D layer")
+        return find_layer(model, images)
+    raise TypeError(f"layer must be a module, a dotted name or None, got {type(layer).__name__}")
+
+
+def find_layer(model: nn.Module, images: Tensor) -> nn.Module:
+    """The last module, in execution order, whose output is a 4-D map larger than 1 x 1.
+
+    For a CNN this is the output of its last convolutional block (ResNet ``layer4``, VGG ``features``),
+    the layer Grad-CAM is usually run on. The brief asks for "the last Conv2d"; that raw convolution
+    output comes before batch norm, the residual sum and the ReLU, so the block output is taken instead.
+    """
+    found: list[nn.Module] = []
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        if isinstance(output, Tensor) and output.ndim == 4 and output.shape[-2:].numel() > 1:
+            found.append(module)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
+    try:
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not found:
+        raise ValueError(f"no module of {type(model).__name__} outputs a 4-D feature map; pass layer=")
+    return found[-1]
+
+
+@contextmanager
+def _captured(layer: nn.Module) -> Iterator[list[Tensor]]:
+    """Keep the output of each call of `layer`; downstream layers get a copy, so an in-place op after
+    the layer (``out += identity``) cannot overwrite the activations that are kept."""
+    outputs: list[Tensor] = []
+
+    def hook(module: nn.Module, inputs, output):
+        if not isinstance(output, Tensor) or output.ndim != 4:
+            shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise ValueError(f"layer {type(module).__name__} must output a (B, K, h, w) tensor, got {shape}")
+        outputs.append(output)
+        return output.clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def baseline_colour(model: nn.Module, images: Tensor) -> Tensor:
+    """(1, C, 1, 1): zero of the model's normalised space, i.e. the dataset mean colour for zoo models
+    (``model.normalize.mean``) and 0 for a plain model that takes normalised images."""
+    norm = getattr(model, "normalize", None)
+    mean = getattr(norm, "mean", None)
+    if isinstance(mean, Tensor) and mean.numel() == images.shape[1]:
+        return mean.reshape(1, -1, 1, 1).to(images)
+    return images.new_zeros(1, images.shape[1], 1, 1)
+
+
+def grid_segments(height: int, width: int, cells: int = 8, device: torch.device | str | None = None) -> Tensor:
+    """(H, W) int64 superpixel ids of a regular `cells` x `cells` grid (the superpixels of LIME / SHAP).
+
+    A plain grid instead of SLIC: no extra dependency, deterministic, and the same for every image.
+    """
+    rows = torch.arange(height, device=device) * cells // height
+    cols = torch.arange(width, device=device) * cells // width
+    return rows[:, None] * cells + cols[None, :]
+
+
+def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, h, w) -> (B, H, W) bilinear (align_corners=False, as captum's LayerAttribution.interpolate)."""
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _activations_and_gradients(model: nn.Module, images: Tensor, target: Tensor, layer: nn.Module):
+    """Layer activations A (B, K, h, w) and d(logit of target)/dA, from one forward and one backward."""
+    x = images.detach().clone().requires_grad_(True)
+    with _captured(layer) as outputs:
+        logits = model(x)
+    if not outputs:
+        raise ValueError(f"layer {type(layer).__name__} was not called in the forward pass")
+    activations = outputs[-1]
+    score = logits.gather(1, target[:, None]).sum()  # images are independent in eval mode
+    (gradients,) = torch.autograd.grad(score, activations)
+    return activations.detach(), gradients.detach()
+
+
+def _target_probability(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    return torch.softmax(model(x).float(), dim=1).gather(1, target[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------- CAM family (native)
+@register_method("gradcam", gradient=True, layer=True)
+def _gradcam(model, images, target, layer) -> Tensor:
+    """Grad-CAM: ReLU(sum_k mean_ij(dy_c/dA_k) A_k), upsampled bilinearly."""
+    a, g = _activations_and_gradients(model, images, target, layer)
+    weights = g.mean(dim=(2, 3), keepdim=True)
+    return _upsample(F.relu((weights * a).sum(1)), images.shape[-2:])
+
+
+@register_method("gradcampp", gradient=True, layer=True)
+def _gradcampp(model, images, target, layer) -> Tensor:
+    """Grad-CAM++: w_k = sum_ij a_ij ReLU(g_ij), a_ij = g^2 / (2 g^2 + sum_ab A_ab g^3), g = dy_c/dA.
+
+    The paper differentiates Y = exp(y_c); its closed form makes a_ij depend on powers of g only and
+    multiplies every weight by exp(y_c), a positive constant per image that is dropped here (as in
+    pytorch-grad-cam), since it only rescales the map and overflows for large logits.
+    """
+    a, g = _activations_and_gradients(model, images, target, layer)
+    g2 = g.pow(2)
+    denominator = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g.pow(3)
+    alpha = torch.where(denominator != 0, g2 / torch.where(denominator != 0, denominator, 1.0), 0.0)
+    weights = (alpha * F.relu(g)).sum(dim=(2, 3), keepdim=True)
+    return _upsample(F.relu((weights * a).sum(1)), images.shape[-2:])
+
+
+@register_method("layercam", gradient=True, layer=True)
+def _layercam(model, images, target, layer) -> Tensor:
+    """Layer-CAM: ReLU(sum_k ReLU(dy_c/dA_k) * A_k) (one layer; no tanh fusion of shallow layers)."""
+    a, g = _activations_and_gradients(model, images, target, layer)
+    return _upsample(F.relu((F.relu(g) * a).sum(1)), images.shape[-2:])
+
+
+@register_method("scorecam", layer=True)
+def _scorecam(model, images, target, layer, batch_size: int = 64) -> Tensor:
+    """Score-CAM: ReLU(sum_k p_c(x o H_k) Up(A_k)), H_k = min-max scaled Up(A_k), p_c the softmax.
+
+    As in the official code: the mask multiplies the *normalised* input (so masked-out pixels become
+    the mean colour, `baseline_colour`), constant channels get weight 0, and the upsampled maps are
+    summed before the ReLU. `batch_size` masked images go through the model at once.
+    """
+    height, width = images.shape[-2:]
+    with _captured(layer) as outputs:
+        model(images)
+    up = F.interpolate(outputs[-1].float(), size=(height, width), mode="bilinear", align_corners=False)
+    lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
+    varies = (hi > lo)[:, :, 0, 0]
+    masks = (up - lo) / torch.where(hi > lo, hi - lo, 1.0)
+    base = baseline_colour(model, images)
+    b_idx, k_idx = varies.nonzero(as_tuple=True)
+    weights = up.new_zeros(varies.shape)
+    for chunk in torch.arange(len(b_idx), device=images.device).split(batch_size):
+        b, k = b_idx[chunk], k_idx[chunk]
+        x = base + (images[b] - base) * masks[b, k][:, None]
+        weights[b, k] = _target_probability(model, x, target[b])
+    return F.relu((weights[:, :, None, None] * up).sum(1))
+
+
+# ----------------------------------------------------------------------------- RISE (native)
+def rise_masks(n: int, size: tuple[int, int], cells: int, p1: float, generator: torch.Generator, device) -> Tensor:
+    """(n, H, W) RISE masks: a random binary `cells` x `cells` grid (P[1] = p1), bilinearly upsampled
+    to (cells + 1) x the cell size and cropped at a random shift of less than one cell."""
+    height, width = size
+    cell_h, cell_w = math.ceil(height / cells), math.ceil(width / cells)
+    grid = (torch.rand(n, 1, cells, cells, generator=generator, device=device) < p1).float()
+    up = F.interpolate(grid, size=((cells + 1) * cell_h, (cells + 1) * cell_w), mode="bilinear", align_corners=False)
+    dy = torch.randint(0, cell_h, (n,), generator=generator, device=device)
+    dx = torch.randint(0, cell_w, (n,), generator=generator, device=device)
+    rows = (dy[:, None] + torch.arange(height, device=device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(width, device=device))[:, None, :]
+    return up[torch.arange(n, device=device)[:, None, None], 0, rows, cols]
+
+
+@register_method("rise")
+def _rise(
+    model, images, target, layer, n_masks: int = 6000, cells: int = 8, p1: float = 0.1,
+    batch_size: int = 64, seed: int = 0,
+) -> Tensor:
+    """RISE (Petsiuk et al. 2018): sum_i p_c(x o M_i) M_i / (N p1), all images against the same masks.
+
+    Masks are drawn `batch_size // B` at a time on the model's device from a generator seeded with
+    `seed` (so the result is reproducible); masked pixels become the mean colour (`baseline_colour`),
+    as RISE multiplies the normalised input. RISE's demo uses N = 6000, s = 8, p1 = 0.1.
+    """
+    batch, _, height, width = images.shape
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    base = baseline_colour(model, images)
+    saliency = images.new_zeros(batch, height, width, dtype=torch.float32)
+    per_chunk = max(1, batch_size // batch)
+    for start in range(0, n_masks, per_chunk):
+        m = rise_masks(min(per_chunk, n_masks - start), (height, width), cells, p1, generator, images.device)
+        x = base + (images[:, None] - base[:, None]) * m[None, :, None].to(images.dtype)
+        probs = _target_probability(model, x.flatten(0, 1), target.repeat_interleave(len(m))).view(batch, len(m))
+        saliency += torch.einsum("bn,nhw->bhw", probs, m)
+    return saliency / (n_masks * p1)
+
+
+# ----------------------------------------------------------------------------- captum methods
+def _captum():
+    import captum.attr  # lazy: captum is only needed by these methods
+
+    return captum.attr
+
+
+@register_method("saliency", gradient=True)
+def _saliency(model, images, target, layer) -> Tensor:
+    """Saliency (Simonyan et al. 2014): max over channels of |d y_c / d x|."""
+    return _captum().Saliency(model).attribute(images, target=target, abs=True).amax(dim=1)
+
+
+@register_method("smoothgrad", gradient=True)
+def _smoothgrad(model, images, target, layer, n_samples: int = 25, noise_level: float = 0.15, batch_size: int = 25) -> Tensor:
+    """SmoothGrad (Smilkov et al. 2017): mean gradient over noisy copies, sigma = noise_level x input
+    range, then max over channels of its absolute value."""
+    sigma = noise_level * float(images.max() - images.min())
+    tunnel = _captum().NoiseTunnel(_captum().Saliency(model))
+    grads = tunnel.attribute(
+        images, nt_type="smoothgrad", nt_samples=n_samples, nt_samples_batch_size=batch_size,
+        stdevs=sigma, target=target, abs=False,
+    )
+    return grads.abs().amax(dim=1)
+
+
+@register_method("input_x_gradient", gradient=True)
+def _input_x_gradient(model, images, target, layer) -> Tensor:
+    """Gradient x input, summed over channels."""
+    return _captum().InputXGradient(model).attribute(images, target=target).sum(dim=1)
+
+
+@register_method("integrated_gradients", gradient=True)
+def _integrated_gradients(
+    model, images, target, layer, baselines: Tensor | float = 0.0, n_steps: int = 50, batch_size: int | None = None
+) -> Tensor:
+    """Integrated gradients (captum, Gauss-Legendre, `n_steps`), summed over channels; default
+    baseline 0 (a black image for zoo models). `batch_size` = captum's internal_batch_size."""
+    ig = _captum().IntegratedGradients(model)
+    out = ig.attribute(images, baselines=baselines, target=target, n_steps=n_steps, internal_batch_size=batch_size)
+    return out.sum(dim=1)
+
+
+@register_method("guided_backprop", gradient=True)
+def _guided_backprop(model, images, target, layer) -> Tensor:
+    """Guided backpropagation (captum; needs nn.ReLU modules), summed over channels."""
+    return _captum().GuidedBackprop(model).attribute(images, target=target).sum(dim=1)
+
+
+@register_method("deeplift", gradient=True)
+def _deeplift(model, images, target, layer, baselines: Tensor | float = 0.0) -> Tensor:
+    """DeepLIFT rescale rule (captum), summed over channels. captum needs one nn.ReLU module per use
+    (a ReLU module called twice, as in torchvision's ResNet blocks, gives wrong maps)."""
+    return _captum().DeepLift(model).attribute(images, baselines=baselines, target=target).sum(dim=1)
+
+
+@register_method("occlusion")
+def _occlusion(model, images, target, layer, window: int | None = None, stride: int | None = None, batch_size: int = 64) -> Tensor:
+    """Occlusion (captum): a `window` square (default H/8) slid by `stride` (default window/2),
+    filled with the mean colour; the change of the target logit, averaged over channels."""
+    channels, height = images.shape[1], images.shape[2]
+    window = window or max(1, height // 8)
+    stride = stride or max(1, window // 2)
+    base = baseline_colour(model, images).expand_as(images).contiguous()
+    out = _captum().Occlusion(model).attribute(
+        images, sliding_window_shapes=(channels, window, window), strides=(channels, stride, stride),
+        baselines=base, target=target, perturbations_per_eval=batch_size,
+    )
+    return out.mean(dim=1)
+
+
+def _superpixel_method(cls_name: str, model, images, target, cells, n_samples, batch_size, **extra) -> Tensor:
+    segments = grid_segments(images.shape[2], images.shape[3], cells, images.device)[None, None]
+    base = baseline_colour(model, images).expand_as(images).contiguous()
+    explainer = getattr(_captum(), cls_name)(model, **extra)
+    out = explainer.attribute(
+        images, baselines=base, target=target, feature_mask=segments.expand(images.shape[0], images.shape[1], -1, -1),
+        n_samples=n_samples, perturbations_per_eval=batch_size,
+    )
+    return out.mean(dim=1)
+
+
+def _lime_image_kernel(original, perturbed, interpretable: Tensor, **_) -> float:
+    """lime_image's sample weight: sqrt(exp(-d^2 / 0.25^2)), d = cosine distance of the on/off vector
+    to all-on (captum's default measures the distance in pixel space instead)."""
+    z = interpretable.float().flatten()
+    distance = 1.0 - float(z.sum() / (z.norm() * math.sqrt(z.numel()) + 1e-12))
+    return math.sqrt(math.exp(-(distance**2) / 0.25**2))
+
+
+@register_method("lime")
+def _lime(model, images, target, layer, cells: int = 8, n_samples: int = 256, batch_size: int = 64, seed: int = 0) -> Tensor:
+    """LIME (captum) on a `cells` x `cells` grid of superpixels, switched off to the mean colour.
+
+    Surrogate and kernel follow lime_image rather than captum's defaults: ridge regression
+    (alpha = 1) weighted by `_lime_image_kernel`.
+    """
+    from captum._utils.models.linear_model import SkLearnRidge
+
+    with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
+        torch.manual_seed(seed)
+        return _superpixel_method(
+            "Lime", model, images, target, cells, n_samples, batch_size,
+            interpretable_model=SkLearnRidge(alpha=1.0), similarity_func=_lime_image_kernel,
+        )
+
+
+@register_method("kernel_shap")
+def _kernel_shap(model, images, target, layer, cells: int = 8, n_samples: int = 256, batch_size: int = 64, seed: int = 0) -> Tensor:
+    """Kernel SHAP (captum) on a `cells` x `cells` grid of superpixels, switched off to the mean colour."""
+    with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
+        torch.manual_seed(seed)
+        return _superpixel_method("KernelShap", model, images, target, cells, n_samples, batch_size)
+
+
+# ----------------------------------------------------------------------------- the model's own
+@register_method("intrinsic")
+def _intrinsic(model, images, target, layer) -> Tensor:
+    """The model's own explanation, ``model.explain(images, target).heatmap`` (zoo models)."""
+    explain = getattr(model, "explain", None)
+    if explain is None:
+        raise ValueError(f"{type(model).__name__} has no explain(); 'intrinsic' needs a zoo model")
+    return explain(images, target).heatmap
