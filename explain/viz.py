@@ -108,6 +108,97 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
+# Interpretable CNN
+def filter_part_gallery(
+    images: torch.Tensor,
+    activations: torch.Tensor,
+    filters: Sequence[int],
+    k: int = 5,
+    thresholds: torch.Tensor | None = None,
+    receptive_field=None,
+    title: str = "Filter parts",
+) -> Figure:
+    """One row per filter: its top-k images by max activation, with the filter's region drawn on them.
+
+    The region is the bilinearly upsampled activation above the filter's threshold (`thresholds` (C,),
+    e.g. from `explain.filter_metrics.activation_thresholds`; default half of the image's peak), drawn as
+    a yellow contour over a dimmed outside. With a `receptive_field` (``.box(i, j)``, e.g.
+    ``model.receptive_field(H)``) the receptive field of the peak cell is boxed in cyan.
+
+    Args:
+        images: (N, 3, H, W) in [0, 1].
+        activations: (N, C, h, w) of the layer, for the same images.
+        filters: filter indices, one row each.
+        k: images per filter (at most N).
+    """
+    if images.dim() != 4 or activations.dim() != 4 or len(images) != len(activations):
+        raise ValueError(
+            f"need images (N, 3, H, W) and activations (N, C, h, w) for the same N, got {tuple(images.shape)} "
+            f"and {tuple(activations.shape)}"
+        )
+    num_filters = activations.shape[1]
+    bad = [f for f in filters if not 0 <= int(f) < num_filters]
+    if bad or not len(filters):
+        raise ValueError(f"filters must be a non-empty list of indices in [0, {num_filters}), got {list(filters)}")
+    k = max(1, min(int(k), len(images)))
+    acts = activations.detach().float().cpu()
+    size = images.shape[-2:]
+    fig, axes = plt.subplots(len(filters), k, figsize=(1.8 * k, 1.9 * len(filters)), squeeze=False)
+    for row, f in enumerate(int(f) for f in filters):
+        peaks = acts[:, f].flatten(1).max(dim=1)
+        top = peaks.values.argsort(descending=True)[:k]
+        up = torch.nn.functional.interpolate(acts[top, f][:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        for col, n in enumerate(top.tolist()):
+            ax = axes[row, col]
+            img = to_numpy_image(images[n])
+            level = float(thresholds[f]) if thresholds is not None else 0.5 * float(peaks.values[n])
+            region = up[col].numpy() > level
+            ax.imshow(np.where(region[..., None], img, 0.35 * img))
+            if region.any() and not region.all():
+                ax.contour(region.astype(float), levels=[0.5], colors="yellow", linewidths=1.0)
+            if receptive_field is not None:
+                i, j = divmod(int(peaks.indices[n]), acts.shape[-1])
+                y0, y1, x0, x1 = receptive_field.box(i, j)
+                _draw_box(ax, (x0, y0, x1, y1), color="cyan")
+            ax.set_title(f"#{n}: {float(peaks.values[n]):.2g}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 0].set_ylabel(f"filter {f}", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+__all__.append("filter_part_gallery")
+
+
+def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[str] | None = None, columns: int = 10) -> Figure:
+    """The stored patches of a pushed prototype model (ProtoPNet's `prototype_patch` buffer), one tile each.
+
+    Reads only the model's buffers (`prototype_patch`, `prototype_class_identity`, `prototype_source_index`,
+    optional `prototype_mask`), so a checkpoint alone can draw its prototypes. Pruned prototypes are left out.
+    """
+    patches = model.prototype_patch.detach().cpu()
+    classes = model.prototype_class_identity.argmax(dim=1).cpu()
+    sources = model.prototype_source_index.cpu()
+    keep = getattr(model, "prototype_mask", torch.ones(len(patches), dtype=torch.bool)).cpu()
+    ids = keep.nonzero().squeeze(1)[:max_prototypes].tolist()
+    n = max(len(ids), 1)
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, j in zip(axes.flat, ids):
+        c = int(classes[j])
+        name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
+        ax.imshow(to_numpy_image(patches[j]))
+        ax.set_title(f"p{j} {name}\nimg {int(sources[j])}", fontsize=6)
+    fig.suptitle(f"{type(model).__name__}: {len(ids)} prototype patches", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 # ProtoTree
 def _class_name(c: int, class_names: Sequence[str] | None) -> str:
     return class_names[c] if class_names is not None and c < len(class_names) else str(c)
