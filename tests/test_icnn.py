@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import InterpretableCNN, create_model, list_models
+from models import InterpretableCNN, ReceptiveField, create_model, list_models
 from models.icnn import (
     InterpretableLayer,
     LayerMaps,
@@ -326,3 +326,24 @@ def test_fit_and_weights_only_checkpoint_round_trip(tmp_path):
     loaded.eval()
     torch.testing.assert_close(loaded(images), net(images))
     torch.testing.assert_close(loaded.filter_categories(), net.filter_categories())
+
+
+def test_filter_part_gallery_shows_the_top_images_of_each_filter():
+    import matplotlib.pyplot as plt
+
+    from explain.viz import filter_part_gallery
+
+    images = torch.rand(5, 3, 32, 32)
+    acts = torch.zeros(5, 3, 4, 4)
+    acts[:, 0, 1, 1] = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7])  # top-3 of filter 0: images 1, 4, 2
+    acts[:, 2, 3, 0] = torch.tensor([5.0, 1.0, 2.0, 4.0, 3.0])  # top-3 of filter 2: images 0, 3, 4
+    rf = ReceptiveField(size=4, jump=8.0, rf=12.0, start=4.0, image_size=32)
+    fig = filter_part_gallery(images, acts, [0, 2], k=3, receptive_field=rf)
+    axes = fig.axes
+    assert len(axes) == 6
+    titles = [ax.get_title().split(":")[0] for ax in axes]
+    assert titles == ["#1", "#4", "#2", "#0", "#3", "#4"]
+    assert all(len(ax.patches) == 1 for ax in axes)  # the receptive-field box
+    plt.close(fig)
+    with pytest.raises(ValueError, match="filters"):
+        filter_part_gallery(images, acts, [3], k=2)
