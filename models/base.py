@@ -196,6 +196,10 @@ class InterpretableClassifier(pl.LightningModule):
                 f"({type(datamodule).__name__}) has {data_classes} classes"
             )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lets `models.load_pretrained` rebuild the model from a Lightning checkpoint without the CLI.
+        checkpoint["zoo_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
+
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         group_lr = dict(hp.get("group_lr") or {})
