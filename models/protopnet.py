@@ -172,9 +172,9 @@ class ProtoPNet(InterpretableClassifier):
         patch_size: int = 32,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes=num_classes, **kwargs)
         if num_classes < 2:
             raise ValueError(f"ProtoPNet needs num_classes >= 2 (separation needs other classes), got {num_classes}")
+        super().__init__(num_classes=num_classes, **kwargs)
         if prototypes_per_class < 1 or prototype_dim < 1:
             raise ValueError(f"prototypes_per_class and prototype_dim must be >= 1, got {prototypes_per_class}, {prototype_dim}")
         if similarity not in ("log", "linear"):
@@ -555,9 +555,9 @@ class ProtoPNetEnsemble(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- builders
-def _protopnet(backbone: str, prototype_dim: int, **kwargs: Any) -> ProtoPNet:
+def _protopnet(backbone: str, default_dim: int, **kwargs: Any) -> ProtoPNet:
     kwargs.setdefault("num_classes", 200)
-    kwargs.setdefault("prototype_dim", prototype_dim)
+    kwargs.setdefault("prototype_dim", default_dim)
     return ProtoPNet(backbone=backbone, **kwargs)
 
 
