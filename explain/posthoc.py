@@ -301,18 +301,28 @@ def _scorecam(model, images, target, layer, batch_size: int = 64) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- RISE (native)
+def _draw_rise_masks(n: int, cells: int, cell: tuple[int, int], p1: float, generator: torch.Generator, device):
+    """The random part of n RISE masks: binary grids (n, 1, s, s) with P[1] = p1 and shifts (dy, dx)."""
+    grid = (torch.rand(n, 1, cells, cells, generator=generator, device=device) < p1).float()
+    dy = torch.randint(0, cell[0], (n,), generator=generator, device=device)
+    dx = torch.randint(0, cell[1], (n,), generator=generator, device=device)
+    return grid, dy, dx
+
+
+def _render_rise_masks(grid: Tensor, dy: Tensor, dx: Tensor, size: tuple[int, int], cell: tuple[int, int]) -> Tensor:
+    """Upsample grids bilinearly to (s + 1) cells and crop (H, W) at the shifts."""
+    n, cells = grid.shape[0], grid.shape[-1]
+    up = F.interpolate(grid, size=((cells + 1) * cell[0], (cells + 1) * cell[1]), mode="bilinear", align_corners=False)
+    rows = (dy[:, None] + torch.arange(size[0], device=grid.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(size[1], device=grid.device))[:, None, :]
+    return up[torch.arange(n, device=grid.device)[:, None, None], 0, rows, cols]
+
+
 def rise_masks(n: int, size: tuple[int, int], cells: int, p1: float, generator: torch.Generator, device) -> Tensor:
     """(n, H, W) RISE masks: a random binary `cells` x `cells` grid (P[1] = p1), bilinearly upsampled
     to (cells + 1) x the cell size and cropped at a random shift of less than one cell."""
-    height, width = size
-    cell_h, cell_w = math.ceil(height / cells), math.ceil(width / cells)
-    grid = (torch.rand(n, 1, cells, cells, generator=generator, device=device) < p1).float()
-    up = F.interpolate(grid, size=((cells + 1) * cell_h, (cells + 1) * cell_w), mode="bilinear", align_corners=False)
-    dy = torch.randint(0, cell_h, (n,), generator=generator, device=device)
-    dx = torch.randint(0, cell_w, (n,), generator=generator, device=device)
-    rows = (dy[:, None] + torch.arange(height, device=device))[:, :, None]
-    cols = (dx[:, None] + torch.arange(width, device=device))[:, None, :]
-    return up[torch.arange(n, device=device)[:, None, None], 0, rows, cols]
+    cell = (math.ceil(size[0] / cells), math.ceil(size[1] / cells))
+    return _render_rise_masks(*_draw_rise_masks(n, cells, cell, p1, generator, device), size, cell)
 
 
 @register_method("rise")
@@ -322,17 +332,19 @@ def _rise(
 ) -> Tensor:
     """RISE (Petsiuk et al. 2018): sum_i p_c(x o M_i) M_i / (N p1), all images against the same masks.
 
-    Masks are drawn `batch_size // B` at a time on the model's device from a generator seeded with
-    `seed` (so the result is reproducible); masked pixels become the mean colour (`baseline_colour`),
+    Masks are rendered `batch_size // B` at a time on the model's device from a generator seeded with
+    `seed` (reproducible, and independent of `batch_size`); masked pixels become the mean colour (`baseline_colour`),
     as RISE multiplies the normalised input. RISE's demo uses N = 6000, s = 8, p1 = 0.1.
     """
     batch, _, height, width = images.shape
     generator = torch.Generator(device=images.device).manual_seed(seed)
+    cell = (math.ceil(height / cells), math.ceil(width / cells))
+    # Draw every mask's grid and shift first (small), so the result does not depend on batch_size.
+    grid, dy, dx = _draw_rise_masks(n_masks, cells, cell, p1, generator, images.device)
     base = baseline_colour(model, images)
     saliency = images.new_zeros(batch, height, width, dtype=torch.float32)
-    per_chunk = max(1, batch_size // batch)
-    for start in range(0, n_masks, per_chunk):
-        m = rise_masks(min(per_chunk, n_masks - start), (height, width), cells, p1, generator, images.device)
+    for chunk in torch.arange(n_masks, device=images.device).split(max(1, batch_size // batch)):
+        m = _render_rise_masks(grid[chunk], dy[chunk], dx[chunk], (height, width), cell)
         x = base + (images[:, None] - base[:, None]) * m[None, :, None].to(images.dtype)
         probs = _target_probability(model, x.flatten(0, 1), target.repeat_interleave(len(m))).view(batch, len(m))
         saliency += torch.einsum("bn,nhw->bhw", probs, m)
