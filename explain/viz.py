@@ -308,3 +308,27 @@ def tree_path_figure(model, image: torch.Tensor, explanation, index: int = 0,
 
 
 __all__ += ["tree_dot", "render_tree", "tree_path_figure"]
+
+
+# Post-hoc
+def method_grid(images: torch.Tensor, heatmaps_by_method: dict[str, torch.Tensor], max_images: int = 8) -> Figure:
+    """One row per image: the image, then its heatmap from every method (columns named after them)."""
+    methods = list(heatmaps_by_method)
+    n = min(len(images), max_images, *(len(h) for h in heatmaps_by_method.values()))
+    if n == 0 or not methods:
+        raise ValueError("method_grid needs at least one image and one method")
+    fig, axes = plt.subplots(n, len(methods) + 1, figsize=(1.9 * (len(methods) + 1), 1.9 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(to_numpy_image(images[i]))
+        for j, method in enumerate(methods, start=1):
+            axes[i, j].imshow(overlay_heatmap(images[i], heatmaps_by_method[method][i]))
+    for j, title in enumerate(["image", *methods]):
+        axes[0, j].set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+__all__ += ["method_grid"]
