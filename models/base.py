@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -91,6 +92,8 @@ class InterpretableClassifier(pl.LightningModule):
         scheduler: ``"none"``, ``"cosine"`` (over `trainer.max_epochs`) or ``"step"``.
         step_size, gamma: of the step scheduler.
         check_finite: stop with a clear message when a loss term is NaN or inf.
+        skip_nonfinite: instead of stopping, skip training batches whose loss is not finite (they
+            are counted in `skipped_batches` and logged as ``train/skipped_batches``).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class InterpretableClassifier(pl.LightningModule):
         step_size: int = 10,
         gamma: float = 0.1,
         check_finite: bool = True,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
         # Collects the init arguments of the whole subclass chain (plain YAML types only, so a
@@ -115,6 +119,7 @@ class InterpretableClassifier(pl.LightningModule):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
+        self.skipped_batches = 0
         self.normalize = Normalize(mean, std)
         metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
         if num_classes >= 5:
@@ -149,20 +154,34 @@ class InterpretableClassifier(pl.LightningModule):
             return torch.full((logits.shape[0],), target, dtype=torch.long, device=logits.device)
         return target.to(logits.device).long()
 
-    def _check_finite(self, losses: dict[str, Tensor], stage: str) -> None:
+    def _check_finite(self, losses: dict[str, Tensor], stage: str) -> bool:
+        """True when every loss term is finite; otherwise raise, or return False to skip the batch."""
         if not self.hparams.get("check_finite", True):
-            return
+            return True
         bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
+        if bad and stage == "train" and self.hparams.get("skip_nonfinite", False):
+            self.skipped_batches += 1
+            rank_zero_warn(f"skipping training batch at global step {self.global_step}: non-finite {', '.join(bad)}")
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+            return False
         if bad:
             raise NonFiniteLossError(
                 f"non-finite {stage} loss term(s) {', '.join(bad)} at global step {self.global_step} "
                 f"(epoch {self.current_epoch}): " + ", ".join(f"{n}={losses[n].item()}" for n in bad)
             )
+        return True
 
-    def _shared_step(self, batch: Any, stage: str) -> Tensor:
+    def _shared_step(self, batch: Any, stage: str) -> Tensor | None:
+        """Losses, metrics and logging of one batch; None when a non-finite batch is skipped."""
         images, labels = unpack_batch(batch)
+        # A skipped batch must leave no trace: its forward pass also moved BatchNorm statistics.
+        saved = [b.detach().clone() for b in self.buffers()] if stage == "train" and self.hparams.get("skip_nonfinite") else None
         logits, losses = self.compute_losses(images, labels)
-        self._check_finite(losses, stage)
+        if not self._check_finite(losses, stage):
+            with torch.no_grad():
+                for buffer, value in zip(self.buffers(), saved):
+                    buffer.copy_(value)
+            return None
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits.detach(), labels)
         on_step = stage == "train"
@@ -173,7 +192,7 @@ class InterpretableClassifier(pl.LightningModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return losses["loss"]
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -50,3 +50,27 @@ def test_nan_loss_stops_with_the_term_and_step(tmp_path):
                          enable_model_summary=False, default_root_dir=tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"cross_entropy.*global step 0"):
         trainer.fit(model, loader)
+
+
+def _fit_one_epoch(images, labels, tmp_path, **kwargs):
+    torch.manual_seed(0)
+    model = CAMNet(num_classes=3, backbone="test_resnet", **kwargs)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(TensorDataset(images, labels), batch_size=8))
+    return model
+
+
+def test_skip_nonfinite_batches_leaves_no_trace(tmp_path):
+    torch.manual_seed(1)
+    clean = torch.rand(8, 3, 32, 32)
+    poisoned = torch.rand(8, 3, 32, 32)
+    poisoned[0, 0, 0, 0] = float("nan")
+    labels = torch.arange(8) % 3
+    skipped = _fit_one_epoch(torch.cat([poisoned, clean]), torch.cat([labels, labels]), tmp_path, skip_nonfinite=True)
+    reference = _fit_one_epoch(clean, labels, tmp_path)
+    assert skipped.skipped_batches == 1
+    # Same weights and BatchNorm statistics as a run that never saw the poisoned batch.
+    for (name, a), b in zip(skipped.state_dict().items(), reference.state_dict().values()):
+        if "num_batches_tracked" not in name:
+            assert torch.allclose(a, b, atol=1e-6), name
