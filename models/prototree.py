@@ -395,13 +395,13 @@ class ProtoTree(InterpretableClassifier):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Runs after the optimiser step, with pi and y_hat of the pre-step forward, as in the official loop.
-        if self._pending_update is None:
+        pending, self._pending_update = self._pending_update, None
+        if pending is None or outputs is None:  # None: the base class skipped a non-finite batch
             return
         num_batches = self.trainer.num_training_batches
         if not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"the derivative-free leaf update needs a finite number of batches per epoch, got {num_batches}")
-        self.update_leaves(*self._pending_update, num_batches=num_batches)
-        self._pending_update = None
+        self.update_leaves(*pending, num_batches=num_batches)
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = super().test_step(batch, batch_idx)

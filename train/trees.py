@@ -1,0 +1,152 @@
+"""ProtoTree's post-training pipeline as a callback: prune, project, evaluate the routing modes, draw.
+
+Spec: ``specs/protonets.md`` section 2.5. Declared in a config's ``trainer.callbacks`` list::
+
+    - class_path: train.trees.ProtoTreePipeline
+      init_args: {pruning_threshold: 0.01}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from explain.viz import render_tree, save_figure, tree_path_figure
+from models.base import unpack_batch
+from models.prototree import ProtoTree
+
+__all__ = ["ProtoTreePipeline", "evaluate_tree", "tree_depth"]
+
+
+def tree_depth(model: ProtoTree) -> int:
+    """Depth of the pruned tree: the most decision nodes on a root-to-leaf path."""
+    leaves = torch.nonzero(model.kept_leaves())[:, 0]
+    nodes = model.leaf_nodes_path(leaves)
+    return int((model.forced_route[nodes] < 0).sum(dim=1).max())
+
+
+@torch.no_grad()
+def evaluate_tree(model: ProtoTree, loader: Any, device: torch.device | str | None = None) -> dict[str, float]:
+    """Accuracy of the distributed, sample_max and greedy routings, their fidelity to the distributed
+    prediction (fraction of images with the same class) and their mean path length, over `loader`."""
+    device = device or model.device
+    correct = {"distributed": 0, "sample_max": 0, "greedy": 0}
+    agree = {"sample_max": 0, "greedy": 0}
+    length = {"sample_max": 0, "greedy": 0}
+    total = 0
+    for batch in loader:
+        images, labels = unpack_batch(batch)
+        images, labels = images.to(device), labels.to(device)
+        modes = model.predict_modes(images)
+        total += len(labels)
+        for mode in correct:
+            correct[mode] += int((modes[mode] == labels).sum())
+        for mode in agree:
+            agree[mode] += int((modes[mode] == modes["distributed"]).sum())
+            length[mode] += int(modes[f"{mode}_path_length"].sum())
+    if total == 0:
+        raise ValueError("evaluate_tree got an empty loader")
+    result = {f"acc_{m}": c / total for m, c in correct.items()}
+    result.update({f"fidelity_{m}": a / total for m, a in agree.items()})
+    result.update({f"path_length_{m}": n / total for m, n in length.items()})
+    result.update(num_prototypes=float(len(model.structure().internal)), num_leaves=float(int(model.kept_leaves().sum())),
+                  depth=float(tree_depth(model)))
+    return result
+
+
+class ProtoTreePipeline(pl.Callback):
+    """At the end of training: prune, evaluate, project with class constraints, evaluate, render.
+
+    Results go to ``<run>/prototree.json`` and the loggers (``tree/<stage>/<metric>``); the pruned and
+    projected tree is saved as ``<run>/checkpoints/pruned_and_projected.ckpt``; the rendered tree and
+    local explanations of the first test images go to ``<run>/<dirname>/``.
+
+    Args:
+        prune: prune leaves whose max class probability is <= `pruning_threshold`.
+        pruning_threshold: the paper's 0.01 (it only prunes with more than 100 classes, since max >= 1/K).
+        project: class-constrained projection on the datamodule's `push_dataloader()`.
+        eval_split: ``"test"`` (as the paper) or ``"val"``.
+        source: ``"current"`` (the model at the end of training, as the official script) or ``"best"``
+            (load the best checkpoint of the first ModelCheckpoint first).
+        render: write the tree (SVG with Graphviz, else DOT) and local explanation figures.
+        num_local_explanations: test images explained by their decision path.
+        dirname: sub-folder of the run folder for figures.
+        test_final_tree: point the ModelCheckpoint's best path at the saved final tree, so that the CLI's
+            test after fit (``ckpt_path="best"``) tests the pruned and projected tree.
+    """
+
+    def __init__(
+        self,
+        prune: bool = True,
+        pruning_threshold: float = 0.01,
+        project: bool = True,
+        eval_split: Literal["test", "val"] = "test",
+        source: Literal["current", "best"] = "current",
+        render: bool = True,
+        num_local_explanations: int = 4,
+        dirname: str = "figures",
+        test_final_tree: bool = True,
+    ) -> None:
+        if eval_split not in ("test", "val"):
+            raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
+        if source not in ("current", "best"):
+            raise ValueError(f"source must be 'current' or 'best', got {source!r}")
+        self.prune, self.pruning_threshold, self.project = prune, pruning_threshold, project
+        self.eval_split, self.source, self.render = eval_split, source, render
+        self.num_local_explanations, self.dirname, self.test_final_tree = num_local_explanations, dirname, test_final_tree
+        self.results: dict[str, Any] = {}
+        self.checkpoint: Path | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not isinstance(pl_module, ProtoTree):
+            raise TypeError(f"ProtoTreePipeline needs a ProtoTree model, got {type(pl_module).__name__}")
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            raise ValueError("ProtoTreePipeline needs a datamodule (for the push and evaluation loaders)")
+        run_dir = Path(trainer.default_root_dir)
+        was_training = pl_module.training
+        pl_module.eval()
+        if self.source == "best" and trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
+            state = torch.load(trainer.checkpoint_callback.best_model_path, map_location=pl_module.device, weights_only=True)
+            pl_module.load_state_dict(state["state_dict"])
+        loader = getattr(datamodule, f"{self.eval_split}_dataloader")()
+        results: dict[str, Any] = {"trained": evaluate_tree(pl_module, loader)}
+        if self.prune:
+            results["removed_nodes"] = pl_module.prune(self.pruning_threshold)
+            results["pruned"] = evaluate_tree(pl_module, loader)
+        if self.project:
+            push = pl_module.project(datamodule.push_dataloader(), device=pl_module.device)
+            results["projected_prototypes"] = int(push.found.sum())
+            results["pruned_and_projected" if self.prune else "projected"] = evaluate_tree(pl_module, loader)
+        self.results = results
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, run_dir, results)
+        self.checkpoint = run_dir / "checkpoints" / "pruned_and_projected.ckpt"
+        trainer.save_checkpoint(self.checkpoint)
+        if self.test_final_tree:
+            for callback in trainer.checkpoint_callbacks:
+                callback.best_model_path = str(self.checkpoint)
+        pl_module.train(was_training)
+
+    def _write(self, trainer: pl.Trainer, model: ProtoTree, run_dir: Path, results: dict[str, Any]) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "prototree.json").write_text(json.dumps(results, indent=2))
+        metrics = {f"tree/{stage}/{k}": v for stage, r in results.items() if isinstance(r, dict) for k, v in r.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if not self.render:
+            return
+        class_names = getattr(trainer.datamodule, "class_names", None)
+        figures = run_dir / self.dirname
+        render_tree(model, figures / "tree.svg", class_names=class_names)
+        if self.num_local_explanations <= 0:
+            return
+        images, _ = unpack_batch(next(iter(trainer.datamodule.test_dataloader())))
+        images = images[: self.num_local_explanations].to(model.device)
+        explanation = model.explain(images)
+        for i in range(len(images)):
+            fig = tree_path_figure(model, images[i].cpu(), explanation, index=i, class_names=class_names)
+            save_figure(fig, figures / "local_explanations" / f"test_{i}.png")
