@@ -1,0 +1,119 @@
+"""The comparison runner: intervals, table, SyntheticParts loading and re-rendering, end to end on a tiny model."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import yaml
+from scipy import stats
+
+from explain.compare import evaluate, load_model, load_synthetic, main, summarise, to_markdown
+from models import create_model
+
+torch.set_num_threads(1)
+DATA = {"num_classes": 3, "image_size": 32, "test_size": 4, "clutter": 2, "seed": 0}
+
+
+def test_summary_mean_and_t_interval_match_scipy():
+    values = [0.1, 0.4, 0.35, 0.8, float("nan")]
+    rows = [{"model": "m", "method": "gradcam", "metric": "deletion", "image": i, "value": v} for i, v in enumerate(values)]
+    (s,) = summarise(rows)
+    finite = values[:4]
+    low, high = stats.t.interval(0.95, 3, loc=sum(finite) / 4, scale=stats.sem(finite))
+    assert s["n"] == 4 and s["mean"] == pytest.approx(sum(finite) / 4)
+    assert s["ci_low"] == pytest.approx(low) and s["ci_high"] == pytest.approx(high)
+
+
+def test_markdown_cells_and_directions():
+    summary = [
+        {"model": "cam", "method": "gradcam", "metric": "deletion", "n": 9, "mean": 0.25, "ci_low": 0.2, "ci_high": 0.3},
+        {"model": "cam", "method": "gradcam", "metric": "insertion", "n": 0, "mean": float("nan"), "ci_low": 0, "ci_high": 0},
+    ]
+    table = to_markdown(summary, digits=2)
+    assert "| model | method | deletion ↓ | insertion ↑ |" in table
+    assert "| cam | gradcam | 0.25 ± 0.05 | – |" in table
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return load_synthetic(DATA, 3)
+
+
+def test_load_synthetic_and_render_round_trip(synthetic):
+    assert synthetic["image"].shape == (3, 3, 32, 32) and synthetic["part_masks"].shape == (3, 4, 32, 32)
+    assert synthetic["background_names"] == ["distractor0", "distractor1"]
+    render = synthetic["render_fn"]
+    for i in range(3):
+        torch.testing.assert_close(render(i, []), synthetic["image"][i])  # same bytes as the dataset
+        without_head = render(i, ["head"])
+        changed = (without_head - synthetic["image"][i]).abs().amax(0) > 0
+        head = synthetic["part_masks"][i, 0]
+        assert changed[head].all() and not changed[~head].any()  # exactly the head's pixels change
+        one_distractor = render(i, ["distractor0"])
+        both = render(i, ["distractors"])
+        moved_one = (one_distractor - synthetic["image"][i]).abs().amax(0) > 0
+        moved_both = (both - synthetic["image"][i]).abs().amax(0) > 0
+        assert not (moved_one & synthetic["part_masks"][i].any(0)).any()  # parts untouched
+        assert (moved_one <= moved_both).all()  # removing one distractor changes a subset of the pixels
+
+
+def _checkpoint(tmp_path, num_classes=3):
+    torch.manual_seed(0)
+    model = create_model("cam_test_resnet", num_classes=num_classes)
+    run = tmp_path / "runs" / "tiny_cam" / "20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    path = run / "checkpoints" / "best.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    config = {"model": {"class_path": "models.CAMNet"}, "data": {"class_path": "train.data.SyntheticParts", "init_args": DATA}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return model.eval(), path
+
+
+def test_load_model_from_run_folder(tmp_path):
+    model, path = _checkpoint(tmp_path)
+    loaded = load_model(path)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(ValueError, match="model-class"):
+        (tmp_path / "runs" / "tiny_cam" / "20260101-000000" / "config.yaml").unlink()
+        load_model(path)
+    assert type(load_model(path, "models.CAMNet")).__name__ == "CAMNet"
+
+
+def test_main_end_to_end(tmp_path):
+    _, path = _checkpoint(tmp_path)
+    out = tmp_path / "out"
+    summary = main(["--checkpoint", str(path), "--methods", "intrinsic", "gradcam", "rise", "--metrics", "deletion",
+                    "pointing_game", "funnybirds", "--num-images", "3", "--batch-size", "2", "--quick",
+                    "--device", "cpu", "--out", str(out)])
+    assert {p.name for p in out.iterdir()} == {"results.csv", "summary.csv", "table.md", "grid_tiny_cam.png"}
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    metrics = {"deletion", "pointing_game", "fb_single_deletion", "fb_preservation", "fb_deletion",
+               "fb_distractibility", "fb_background_independence", "time_ms"}
+    assert {r["metric"] for r in rows} == metrics
+    assert len(rows) == 3 * len(metrics) * 3  # methods x metrics x images
+    for s in summary:  # the table's means are the means of the per-image rows
+        values = [float(r["value"]) for r in rows if (r["method"], r["metric"]) == (s["method"], s["metric"])]
+        finite = [v for v in values if math.isfinite(v)]
+        assert s["mean"] == pytest.approx(sum(finite) / len(finite)) if finite else math.isnan(s["mean"])
+    assert "| tiny_cam | rise |" in (out / "table.md").read_text()
+
+
+def test_data_file_and_plain_model_skip_intrinsic(tmp_path, synthetic):
+    _, path = _checkpoint(tmp_path)
+    data_file = tmp_path / "data.pt"
+    torch.save({k: synthetic[k] for k in ("image", "label", "part_masks", "body_box")}, data_file)
+    summary = main(["--checkpoint", f"cam={path}", "--model-class", "models.CAMNet", "--data-file", str(data_file),
+                    "--methods", "gradcam", "--metrics", "energy_pointing_game", "relevance_mass", "--num-images", "2",
+                    "--device", "cpu", "--out", str(tmp_path / "o2"), "--figure-images", "2"])
+    assert {s["metric"] for s in summary} == {"energy_pointing_game", "relevance_mass", "time_ms"}
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    rows, _ = evaluate({"plain": plain}, {k: synthetic[k] for k in ("image", "label", "part_masks")},
+                       ["intrinsic", "gradcam"], ["pointing_game"])
+    assert {r["method"] for r in rows} == {"gradcam"}  # a model without explain() has no intrinsic row
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate({"plain": plain}, synthetic, ["gradcam"], ["nope"])
