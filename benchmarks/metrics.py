@@ -1,0 +1,128 @@
+"""Batched deletion / insertion (explain.metrics) against a per-image loop, the way RISE's CausalMetric
+and Quantus run them: one image at a time, one forward pass per step, pixels replaced in place.
+
+ResNet-18 (timm, random weights) at 224 px; every variant runs in its own process, so the peak memory
+column is that variant's own (GPU: max allocated; CPU: max resident set). The AUCs of both variants are
+compared, then the table is printed with the speed-up of the batched version.
+
+    python benchmarks/metrics.py            # 4 images, step 1792 (RISE's batched evaluation: 28 steps)
+    python benchmarks/metrics.py --quick    # 1 image, 28 steps, small batch
+    python benchmarks/metrics.py --step 224 # RISE's demo step (224 steps per image)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+
+def _setup(args: dict):
+    import timm
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args["threads"])
+    device = torch.device(args["device"])
+    model = timm.create_model("resnet18", pretrained=False, num_classes=1000).to(device).eval()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(args["images"], 3, args["size"], args["size"], generator=gen).to(device)
+    heatmaps = torch.rand(args["images"], args["size"], args["size"], generator=gen).to(device)
+    return model, images, heatmaps, device
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loop_auc(model, image, heatmap, start, finish, step) -> float:
+    """One image: rank pixels, then n_steps + 1 single-image forwards, replacing `step` pixels each time."""
+    n = heatmap.numel()
+    n_steps = math.ceil(n / step)
+    order = heatmap.flatten().argsort(descending=True, stable=True)
+    with torch.no_grad():
+        target = int(model(image[None]).argmax(1))
+        current, finish = start.clone().flatten(1), finish.flatten(1)
+        scores = []
+        for i in range(n_steps + 1):
+            scores.append(float(torch.softmax(model(current.view(1, *image.shape)), 1)[0, target]))
+            idx = order[i * step:(i + 1) * step]
+            current[:, idx] = finish[:, idx]
+    return (sum(scores) - scores[0] / 2 - scores[-1] / 2) / n_steps
+
+
+def run_variant(args: dict) -> dict:
+    from explain import metrics as M
+
+    model, images, heatmaps, device = _setup(args)
+    with torch.no_grad():
+        model(images[:1])  # warm-up
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tic = time.perf_counter()
+    if args["variant"] == "batched":
+        kw = {"step": args["step"], "batch_size": args["batch_size"]}
+        aucs = M.deletion(model, images, heatmaps, **kw) if args["metric"] == "deletion" else M.insertion(model, images, heatmaps, **kw)
+        aucs = aucs.tolist()
+    else:
+        base = torch.zeros(1, 3, 1, 1, device=device)  # a timm model takes normalised input: its zero
+        aucs = []
+        for b in range(len(images)):
+            if args["metric"] == "deletion":
+                start, finish = images[b], base[0].expand_as(images[b])
+            else:
+                start, finish = M.blur(images[b:b + 1], base)[0], images[b]
+            aucs.append(_loop_auc(model, images[b], heatmaps[b], start, finish, args["step"]))
+    _sync(device)
+    seconds = time.perf_counter() - tic
+    return {"seconds": seconds, "peak_mb": _peak_mb(device), "aucs": aucs}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--images", type=int, default=None)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--step", type=int, default=None, help="pixels per step (default 224 * 8)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args()
+    common = {"images": a.images or (1 if a.quick else 4), "size": a.size, "step": a.step or 8 * a.size,
+              "batch_size": a.batch_size or (16 if a.quick else 64), "threads": a.threads, "device": a.device}
+    steps = math.ceil(a.size * a.size / common["step"]) + 1
+    ctx = mp.get_context("spawn")
+    rows = []
+    for metric in ("deletion", "insertion"):
+        results = {}
+        for variant in ("loop", "batched"):
+            with ctx.Pool(1) as pool:
+                results[variant] = pool.apply(run_variant, ({**common, "metric": metric, "variant": variant},))
+        diff = max(abs(x - y) for x, y in zip(results["loop"]["aucs"], results["batched"]["aucs"]))
+        for variant, r in results.items():
+            rows.append((metric, variant, r["seconds"], common["images"] * steps / r["seconds"], r["peak_mb"],
+                         results["loop"]["seconds"] / r["seconds"], diff))
+    print(f"ResNet-18 (random weights), {a.size} px, {common['images']} image(s), step {common['step']} "
+          f"({steps} forward images per image), device {a.device}, {a.threads} CPU thread(s), "
+          f"batch {common['batch_size']}")
+    print(f"{'metric':<10} {'variant':<8} {'time [s]':>9} {'img-steps/s':>12} {'peak [MB]':>10} {'speed-up':>9} {'max |dAUC|':>11}")
+    for metric, variant, sec, thr, mem, ratio, diff in rows:
+        print(f"{metric:<10} {variant:<8} {sec:>9.2f} {thr:>12.1f} {mem:>10.0f} {ratio:>8.2f}x {diff:>11.2e}")
+
+
+if __name__ == "__main__":
+    main()
