@@ -172,10 +172,7 @@ def deletion(
     """Deletion AUC (lower = better): probability of `target` (default: the clean image's top-1) while
     the most relevant pixels are replaced by `substrate`, `step` pixels at a time (default: one image
     row, RISE's 224 at 224 px; RISE's batched evaluation used 8 rows)."""
-    _check(images, heatmaps)
-    _, target = target_probabilities(model, images, target, batch_size)
-    finish = _substrate(model, images, substrate)
-    return auc(perturbation_curve(model, images, finish, heatmaps, target, step or images.shape[-1], batch_size))
+    return _causal_auc(model, images, heatmaps, target, step, substrate, batch_size, insert=False)
 
 
 @torch.no_grad()
@@ -185,10 +182,15 @@ def insertion(
 ) -> Tensor:
     """Insertion AUC (higher = better): start from `substrate` (RISE's blurred image) and paste the
     most relevant pixels back first; same conventions as `deletion`."""
+    return _causal_auc(model, images, heatmaps, target, step, substrate, batch_size, insert=True)
+
+
+def _causal_auc(model, images, heatmaps, target, step, substrate, batch_size: int, insert: bool) -> Tensor:
     _check(images, heatmaps)
     _, target = target_probabilities(model, images, target, batch_size)
-    start = _substrate(model, images, substrate)
-    return auc(perturbation_curve(model, start, images, heatmaps, target, step or images.shape[-1], batch_size))
+    other = _substrate(model, images, substrate)
+    start, finish = (other, images) if insert else (images, other)
+    return auc(perturbation_curve(model, start, finish, heatmaps, target, step or images.shape[-1], batch_size))
 
 
 # ----------------------------------------------------------------------------- localisation
