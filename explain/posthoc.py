@@ -281,23 +281,25 @@ def _scorecam(model, images, target, layer, batch_size: int = 64) -> Tensor:
 
     As in the official code: the mask multiplies the *normalised* input (so masked-out pixels become
     the mean colour, `baseline_colour`), constant channels get weight 0, and the upsampled maps are
-    summed before the ReLU. `batch_size` masked images go through the model at once.
+    summed before the ReLU. Images are taken one at a time (K upsampled maps each), their masked
+    copies `batch_size` at a time.
     """
-    height, width = images.shape[-2:]
+    size = images.shape[-2:]
     with _captured(layer) as outputs:
         model(images)
-    up = F.interpolate(outputs[-1].float(), size=(height, width), mode="bilinear", align_corners=False)
-    lo, hi = up.amin(dim=(2, 3), keepdim=True), up.amax(dim=(2, 3), keepdim=True)
-    varies = (hi > lo)[:, :, 0, 0]
-    masks = (up - lo) / torch.where(hi > lo, hi - lo, 1.0)
+    activations = outputs[-1].float()
     base = baseline_colour(model, images)
-    b_idx, k_idx = varies.nonzero(as_tuple=True)
-    weights = up.new_zeros(varies.shape)
-    for chunk in torch.arange(len(b_idx), device=images.device).split(batch_size):
-        b, k = b_idx[chunk], k_idx[chunk]
-        x = base + (images[b] - base) * masks[b, k][:, None]
-        weights[b, k] = _target_probability(model, x, target[b])
-    return F.relu((weights[:, :, None, None] * up).sum(1))
+    maps = []
+    for b in range(len(images)):
+        up = F.interpolate(activations[b:b + 1], size=size, mode="bilinear", align_corners=False)[0]
+        lo, hi = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
+        masks = (up - lo) / torch.where(hi > lo, hi - lo, 1.0)
+        weights = up.new_zeros(len(up))
+        for k in (hi > lo).flatten().nonzero()[:, 0].split(batch_size):
+            x = base + (images[b] - base) * masks[k][:, None]
+            weights[k] = _target_probability(model, x, target[b].expand(len(k)))
+        maps.append(F.relu((weights[:, None, None] * up).sum(0)))
+    return torch.stack(maps)
 
 
 # ----------------------------------------------------------------------------- RISE (native)
