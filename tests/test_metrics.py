@@ -395,3 +395,21 @@ def test_metric_input_errors(net):
         M.road(net, x, torch.rand(2, 16, 16), order="up")
     with pytest.raises(ValueError, match="kept pixel"):
         M.road_impute(x, torch.ones(2, 16, 16, dtype=torch.bool))
+
+
+def test_prototype_metrics_on_a_zoo_prototype_model():
+    from models import is_model
+
+    if not is_model("protopnet_test_resnet"):
+        pytest.skip("ProtoPNet is not registered")
+    torch.manual_seed(0)
+    model = create_model("protopnet_test_resnet", num_classes=2).eval()
+    images = torch.rand(4, 3, 64, 64)
+    keypoints = torch.tensor([[[10.0, 10.0, 1.0], [50.0, 40.0, 1.0]]]).repeat(4, 1, 1)
+    labels = torch.tensor([0, 0, 1, 1])
+    similarity_maps = lambda x: -model.distances(x)  # noqa: E731  (any (B, P, h, w) map works)
+    classes = model.prototype_class_identity.argmax(1)
+    consistency = M.prototype_consistency(similarity_maps, images, keypoints, labels, classes, half_size=16)
+    stability = M.prototype_stability(similarity_maps, images, keypoints, labels, classes, half_size=16)
+    assert consistency.shape == stability.shape == classes.shape
+    assert set(consistency.tolist()) <= {0.0, 1.0} and ((stability >= 0) & (stability <= 1)).all()

@@ -295,3 +295,17 @@ def test_bad_input_errors(model, images):
         attribute(model, images, method="gradcam", layer="backbone.nope")
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         attribute(model, images[0], method="gradcam")
+
+
+@pytest.mark.parametrize("name", ["cam_test_resnet", "icnn_test_resnet", "protopnet_test_resnet", "prototree_test_resnet"])
+def test_every_zoo_family(name):
+    from models import is_model
+
+    if not is_model(name):
+        pytest.skip(f"{name} is not registered")
+    torch.manual_seed(0)
+    net = create_model(name, num_classes=3).eval()
+    x = torch.rand(2, 3, SIZE, SIZE)
+    for method in ("intrinsic", "gradcam", "integrated_gradients", "rise"):
+        out = attribute(net, x, method=method, **FAST.get(method, {}))
+        assert out.shape == (2, SIZE, SIZE) and torch.isfinite(out).all()
