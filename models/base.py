@@ -6,10 +6,12 @@ explains its own decision with `explain()`. Batches are dicts with at least ``"i
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
@@ -73,6 +75,34 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
     if isinstance(batch, dict):
         return batch["image"], batch["label"]
     return batch[0], batch[1]
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, CUDA, Python and NumPy random states as tensors and plain values (weights-only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of `rng_states`."""
+    torch.set_rng_state(states["torch"])
+    random.setstate(_as_tuples(states["python"]))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    # Checkpoint round trips may turn tuples into lists; random.setstate insists on tuples.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
@@ -218,6 +248,12 @@ class InterpretableClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets `models.load_pretrained` rebuild the model from a Lightning checkpoint without the CLI.
         checkpoint["zoo_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # The random state (dropout, ...) at this step, so a resumed run draws what this one would have.
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and "rng_states" in checkpoint:  # resuming, not merely loading weights
+            set_rng_states(checkpoint["rng_states"])
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -16,6 +16,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from models.base import InterpretableClassifier
 
+from .resume import AtomicCheckpointIO
+
 __all__ = ["ZooCLI", "main"]
 
 
@@ -70,6 +72,14 @@ class ZooCLI(LightningCLI):
         for spec in cfg.trainer.get("callbacks") or []:
             if spec.class_path.endswith("ModelCheckpoint") and spec.init_args.get("dirpath") is None:
                 spec.init_args.dirpath = str(Path(run_dir) / "checkpoints")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        """The trainer, with crash-safe checkpoint files unless the config names its own CheckpointIO."""
+        trainer = super().instantiate_trainer(**kwargs)
+        connector = trainer._accelerator_connector
+        if getattr(connector, "checkpoint_io", None) is None:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def after_fit(self) -> None:
         cfg = self.config[self.subcommand]

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .resume import EpochSeededDataset, EpochShuffleSampler
 from .synthetic import PART_NAMES, SyntheticPartsGenerator
 
 __all__ = [
@@ -193,6 +194,7 @@ class ZooDataModule(pl.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.augment = bool(augment)
         self._datasets: dict[str, Dataset] = {}
+        self._resume_at: tuple[int, int] | None = None  # (epoch, trained batches) of an interrupted epoch
 
     # -- to implement
     def _build_dataset(self, split: str) -> Dataset:
@@ -249,10 +251,45 @@ class ZooDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
+            generator=self._generator(),
         )
 
+    def _generator(self) -> torch.Generator:
+        # Each loader draws its worker seeds from its own generator: starting an epoch (or a
+        # validation) then leaves the global random state alone, which exact resumption relies on.
+        return torch.Generator().manual_seed(int(getattr(self, "seed", 0)))
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        """Shuffled and augmented, every draw a function of (seed, epoch, index): resumable exactly."""
+        seed = int(getattr(self, "seed", 0))
+        dataset = self.dataset("train")
+        sampler = EpochShuffleSampler(len(dataset), seed=seed, batch_size=self.batch_size)
+        if self._resume_at is not None:
+            sampler.set_epoch(self._resume_at[0])
+            sampler.skip_batches = self._resume_at[1]
+            self._resume_at = None
+        return DataLoader(
+            EpochSeededDataset(dataset, seed=seed),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+            generator=self._generator(),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training epoch stands, so that a resumed run skips the batches already trained on."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "train_batches_done": int(progress.processed)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_batches_done" in state_dict:
+            self._resume_at = (int(state_dict["epoch"]), int(state_dict["train_batches_done"]))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.eval_batch_size)
