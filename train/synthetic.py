@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = [
+    "SyntheticPartsError",
     "PART_NAMES",
     "NUM_VARIANTS",
     "PART_SHAPES",
@@ -91,6 +92,10 @@ def variant_appearance(slot: int, variant: int) -> tuple[str, int, str]:
     )
 
 
+class SyntheticPartsError(ValueError):
+    """An invalid generator setting, split, index or intervention."""
+
+
 @dataclass(frozen=True)
 class SceneRecipe:
     """Everything needed to render one image; plain Python values (picklable, printable)."""
@@ -154,7 +159,7 @@ def _shape_mask(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return (au <= 1.1) & (av <= 0.3)
     if kind == "rect":  # occluder; u, v already normalised by the half sizes
         return (au <= 1.0) & (av <= 1.0)
-    raise ValueError(f"unknown shape {kind!r}")
+    raise SyntheticPartsError(f"unknown shape {kind!r}")
 
 
 def _hsv_color(hue: float) -> tuple[float, float, float]:
@@ -193,18 +198,18 @@ class SyntheticPartsGenerator:
     ) -> None:
         max_classes = NUM_VARIANTS ** (len(PART_NAMES) - 1)
         if not 2 <= num_classes <= max_classes:
-            raise ValueError(f"num_classes must be in [2, {max_classes}], got {num_classes}")
+            raise SyntheticPartsError(f"num_classes must be in [2, {max_classes}], got {num_classes}")
         if image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {image_size}")
+            raise SyntheticPartsError(f"image_size must be >= 16, got {image_size}")
         if clutter < 0:
-            raise ValueError(f"clutter must be >= 0, got {clutter}")
+            raise SyntheticPartsError(f"clutter must be >= 0, got {clutter}")
         for name, p in (("occlusion", occlusion), ("color_jitter", color_jitter), ("shortcut", shortcut)):
             if not 0.0 <= p <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {p}")
+                raise SyntheticPartsError(f"{name} must be in [0, 1], got {p}")
         lo, hi = float(scale_range[0]), float(scale_range[1])
         if not 0.3 <= lo <= hi <= 1.2:
             # Above 1.2 the object no longer fits in the image.
-            raise ValueError(f"scale_range must satisfy 0.3 <= lo <= hi <= 1.2, got {scale_range}")
+            raise SyntheticPartsError(f"scale_range must satisfy 0.3 <= lo <= hi <= 1.2, got {scale_range}")
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         self.seed = int(seed)
@@ -283,9 +288,9 @@ class SyntheticPartsGenerator:
         ``color_jitter`` changes nothing else in a scene.
         """
         if split not in SPLIT_IDS:
-            raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}")
+            raise SyntheticPartsError(f"unknown split {split!r}; expected one of {sorted(SPLIT_IDS)}")
         if index < 0:
-            raise ValueError(f"index must be >= 0, got {index}")
+            raise SyntheticPartsError(f"index must be >= 0, got {index}")
         size = float(self.image_size)
         rng = np.random.default_rng([self.seed, SPLIT_IDS[split], int(index)])
         label = self.label_of(index)
@@ -439,13 +444,13 @@ class SyntheticPartsGenerator:
             remove = (remove,)
         unknown = set(remove) - valid
         if unknown:
-            raise ValueError(f"cannot remove {sorted(unknown)}; valid names: {sorted(valid)}")
+            raise SyntheticPartsError(f"cannot remove {sorted(unknown)}; valid names: {sorted(valid)}")
         variants = list(recipe.variants)
         for name, v in (replace or {}).items():
             if name not in PART_NAMES:
-                raise ValueError(f"cannot replace {name!r}; part names: {PART_NAMES}")
+                raise SyntheticPartsError(f"cannot replace {name!r}; part names: {PART_NAMES}")
             if not 0 <= int(v) < NUM_VARIANTS:
-                raise ValueError(f"variant for {name!r} must be in [0, {NUM_VARIANTS}), got {v}")
+                raise SyntheticPartsError(f"variant for {name!r} must be in [0, {NUM_VARIANTS}), got {v}")
             variants[PART_NAMES.index(name)] = int(v)
 
         n = recipe.image_size
@@ -578,7 +583,7 @@ class SyntheticPartsGenerator:
                 fv = np.mod(v * np.float32(1.8), np.float32(1.0)) - np.float32(0.5)
                 dark = fu * fu + fv * fv < np.float32(0.09)
             else:
-                raise ValueError(f"unknown pattern {pattern!r}")
+                raise SyntheticPartsError(f"unknown pattern {pattern!r}")
             shade = (color * np.float32(PATTERN_SHADE)).astype(np.float32)
             win_img[inside & ~dark] = color
             win_img[inside & dark] = shade

@@ -1,0 +1,110 @@
+"""Random inputs to the generator and the CUB parser: accepted, or rejected with the library's own
+error type — never a crash from deep inside."""
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from train.data import CUB200, DataFormatError, ImageLoadError
+from train.synthetic import PART_NAMES, SyntheticPartsError, SyntheticPartsGenerator
+
+from tests.test_data import make_cub
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+finite_or_not = st.one_of(st.floats(-2, 3), st.just(float("nan")), st.just(float("inf")))
+
+
+@FUZZ
+@given(
+    num_classes=st.integers(-3, 200),
+    image_size=st.integers(-8, 80),
+    clutter=st.integers(-3, 12),
+    occlusion=finite_or_not,
+    color_jitter=finite_or_not,
+    shortcut=finite_or_not,
+    scale=st.tuples(st.floats(-1, 2), st.floats(-1, 2)),
+    index=st.integers(-5, 10**6),
+    split=st.sampled_from(["train", "val", "test", "push", "bogus"]),
+)
+def test_generator_accepts_or_rejects_cleanly(num_classes, image_size, clutter, occlusion, color_jitter, shortcut,
+                                              scale, index, split):
+    try:
+        gen = SyntheticPartsGenerator(num_classes=num_classes, image_size=image_size, clutter=clutter,
+                                      occlusion=occlusion, color_jitter=color_jitter, shortcut=shortcut,
+                                      scale_range=scale)
+        sample = gen.sample(index, split)
+    except SyntheticPartsError:
+        return
+    # Accepted: the sample honours the contract.
+    assert sample.image.shape == (image_size, image_size, 3) and sample.image.dtype == np.uint8
+    assert sample.part_masks.shape == (len(PART_NAMES), image_size, image_size)
+    assert sample.part_masks.sum(0).max() <= 1  # parts never overlap
+    assert 0 <= sample.label < num_classes
+    visible = sample.keypoints[:, 2] > 0
+    assert np.all((sample.keypoints[visible, :2] >= 0) & (sample.keypoints[visible, :2] <= image_size - 1))
+
+
+@FUZZ
+@given(remove=st.lists(st.text(max_size=8) | st.sampled_from(PART_NAMES), max_size=3),
+       replace=st.dictionaries(st.text(max_size=8) | st.sampled_from(PART_NAMES), st.integers(-3, 9), max_size=2))
+def test_interventions_accept_or_reject_cleanly(remove, replace):
+    gen = SyntheticPartsGenerator(num_classes=4, image_size=32)
+    recipe = gen.recipe(3, "test")
+    try:
+        out = gen.render(recipe, remove=remove, replace=replace)
+    except SyntheticPartsError:
+        return
+    for name in remove:
+        assert not out.part_masks[PART_NAMES.index(name)].any()
+
+
+CUB_FILES = ["images.txt", "train_test_split.txt", "image_class_labels.txt", "bounding_boxes.txt",
+             "classes.txt", "parts/part_locs.txt", "parts/parts.txt"]
+
+
+@pytest.fixture(scope="module")
+def cub_template(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cub") / "CUB_200_2011"
+    make_cub(root, classes=2, per_class=2)
+    return root
+
+
+@FUZZ
+@given(file=st.sampled_from(CUB_FILES), line=st.integers(0, 40),
+       action=st.sampled_from(["replace", "delete", "duplicate", "truncate_file", "empty_file"]),
+       text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30))
+def test_cub_parser_accepts_or_rejects_cleanly(cub_template, file, line, action, text):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "CUB"
+        shutil.copytree(cub_template, root)
+        path = root / file
+        lines = path.read_text().splitlines()
+        i = line % max(len(lines), 1)
+        if action == "replace":
+            lines[i] = text
+        elif action == "delete":
+            del lines[i]
+        elif action == "duplicate":
+            lines.insert(i, lines[i])
+        elif action == "truncate_file":
+            lines = lines[: i]
+        else:
+            lines = []
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        try:
+            data = CUB200(root, image_size=32, batch_size=2)
+            for split in ("train", "test"):
+                dataset = data.dataset(split)
+                for k in range(len(dataset)):
+                    item = dataset[k]
+                    assert item["image"].shape == (3, 32, 32)
+                    assert 0 <= int(item["label"]) < data.num_classes
+        except (DataFormatError, ImageLoadError) as exc:
+            message = str(exc)
+            assert "\n" not in message.strip()  # one line
+            assert "CUB" in message  # names the folder or file at fault
