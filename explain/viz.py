@@ -1,8 +1,22 @@
-"""Figures (matplotlib, no OpenCV). Every function returns a Figure; `save_figure` writes PNG/SVG."""
+"""Figures of every family (matplotlib on Agg, no OpenCV). Every function returns a titled Figure.
+
+Conventions shared by all figures, so that one family reads like another:
+- heatmaps use `HEATMAP_CMAP` (jet), min-max normalised per map and blended with an opacity proportional
+  to the normalised value: pixels at the map's minimum keep the image's colour;
+- boxes: `ACTIVATION_COLOR` (yellow) marks a high-activation or best-matching region, `RF_COLOR` (cyan)
+  a receptive field;
+- the figure's suptitle says what it shows (font `TITLE_SIZE`), panel titles use `PANEL_SIZE`.
+
+`save_figure` writes PNG/SVG (format from the suffix); `log_figure` sends a figure to the loggers that
+take images (wandb) or else writes a PNG.
+"""
 from __future__ import annotations
 
+import io
+import shutil
+import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import matplotlib
 
@@ -13,15 +27,30 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-__all__ = ["HEATMAP_CMAP", "to_numpy_image", "overlay_heatmap", "explanation_grid", "save_figure"]
+from models.prototypes import fetch_images, high_activation_boxes, similarity  # noqa: E402
+
+__all__ = [
+    "HEATMAP_CMAP", "ACTIVATION_COLOR", "RF_COLOR", "to_numpy_image", "overlay_heatmap", "heatmap_figure",
+    "explanation_grid", "save_figure", "figure_to_array", "log_figure",
+    "prototype_gallery", "this_looks_like_that", "global_analysis",
+    "tree_dot", "render_tree", "tree_figure", "tree_path_figure",
+    "filter_part_gallery", "icnn_filter_gallery", "cam_grid", "method_grid",
+]
 
 HEATMAP_CMAP = "jet"
+ACTIVATION_COLOR = "yellow"
+RF_COLOR = "cyan"
+WRONG_COLOR = "red"  # a neighbour or leaf of another class than expected
+TITLE_SIZE = 10
+PANEL_SIZE = 7
 
 
+# ------------------------------------------------------------------------------------------ basics
 def to_numpy_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(3, H, W) tensor in [0, 1] or (H, W, 3) uint8/float array -> (H, W, 3) float array in [0, 1]."""
+    """(3, H, W) tensor in [0, 1] (or uint8) or (H, W, 3) array -> (H, W, 3) float array in [0, 1]."""
     if isinstance(image, torch.Tensor):
-        image = image.detach().float().cpu()
+        image = image.detach().cpu()
+        image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
         if image.ndim == 3 and image.shape[0] in (1, 3):
             image = image.permute(1, 2, 0)
         image = image.numpy()
@@ -35,29 +64,79 @@ def to_numpy_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def _normalise_heatmap(heatmap: torch.Tensor | np.ndarray) -> np.ndarray:
     hm = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap, float)
-    lo, hi = np.nanmin(hm), np.nanmax(hm)
+    hm = np.nan_to_num(hm, nan=np.nanmin(hm) if np.isfinite(hm).any() else 0.0)
+    lo, hi = hm.min(), hm.max()
     return (hm - lo) / (hi - lo) if hi > lo else np.zeros_like(hm)
 
 
-def overlay_heatmap(image, heatmap, alpha: float = 0.5) -> np.ndarray:
-    """Blend a min-max normalised heatmap (jet) over an image: (1 - alpha) image + alpha colour.
+def overlay_heatmap(image, heatmap, alpha: float = 0.6) -> np.ndarray:
+    """Blend a heatmap (jet, min-max normalised to h in [0, 1]) over an image: (1 - alpha h) image + alpha h colour.
 
-    Where the normalised heatmap is 0 the colour is jet's dark blue, so only a constant map leaves
-    the image unchanged.
+    The opacity follows h, so pixels at the map's minimum (and every pixel of a constant map) keep
+    the image's colour, and the strongest evidence is the most opaque.
     """
     img = to_numpy_image(image)
     hm = _normalise_heatmap(heatmap)
     if hm.shape != img.shape[:2]:
         raise ValueError(f"heatmap shape {hm.shape} does not match image shape {img.shape[:2]}")
-    if hm.max() == 0:
-        return img
     colour = plt.get_cmap(HEATMAP_CMAP)(hm)[..., :3]
-    return (1 - alpha) * img + alpha * colour
+    weight = alpha * hm[..., None]
+    return (1 - weight) * img + weight * colour
 
 
-def _draw_box(ax, box, color: str = "yellow") -> None:
+def _box_ok(box) -> bool:
+    return box is not None and all(float(v) >= 0 for v in box) and float(box[2]) > float(box[0])
+
+
+def _draw_box(ax, box, color: str = ACTIVATION_COLOR) -> None:
+    """Draw (x0, y0, x1, y1), x1/y1 exclusive pixel edges; boxes with a negative entry (none) are skipped."""
+    if not _box_ok(box):
+        return
     x0, y0, x1, y1 = (float(v) for v in box)
     ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5))
+
+
+def _class_name(c: int, class_names: Sequence[str] | None) -> str:
+    c = int(c)
+    return str(class_names[c]) if class_names is not None and 0 <= c < len(class_names) else str(c)
+
+
+def _panels(rows: int, cols: int, width: float = 1.9, height: float = 1.9) -> tuple[Figure, np.ndarray]:
+    """A grid of image panels without ticks (labels stay visible)."""
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return fig, axes
+
+
+def _show(ax, image, title: str | None = None, color: str = "black") -> None:
+    ax.imshow(image if isinstance(image, np.ndarray) and image.ndim == 3 else to_numpy_image(image))
+    if title is not None:
+        ax.set_title(title, fontsize=PANEL_SIZE, color=color)
+
+
+def _finish(fig: Figure, title: str) -> Figure:
+    fig.suptitle(title, fontsize=TITLE_SIZE)
+    fig.tight_layout()
+    return fig
+
+
+def _blank_unused(axes: np.ndarray, used: int) -> None:
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+
+
+def heatmap_figure(image: torch.Tensor, heatmap: torch.Tensor, box=None, title: str = "Heatmap overlay") -> Figure:
+    """Three panels: the image, the heatmap alone (jet), and the overlay (with an optional box)."""
+    fig, axes = _panels(1, 3, 2.2, 2.4)
+    _show(axes[0, 0], image, "image")
+    hm = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap)
+    axes[0, 1].imshow(hm, cmap=HEATMAP_CMAP)
+    axes[0, 1].set_title(f"heatmap [{hm.min():.2g}, {hm.max():.2g}]", fontsize=PANEL_SIZE)
+    _show(axes[0, 2], overlay_heatmap(image, heatmap), "overlay")
+    _draw_box(axes[0, 2], box)
+    return _finish(fig, title)
 
 
 def explanation_grid(
@@ -69,36 +148,26 @@ def explanation_grid(
     boxes: torch.Tensor | None = None,
     title: str = "Explanations",
 ) -> Figure:
-    """Two rows per image batch: the images, then their heatmaps overlaid (with optional boxes)."""
+    """Two rows: the images (true / predicted class), then their heatmaps overlaid (with optional boxes)."""
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.8), squeeze=False)
-
-    def name(c) -> str:
-        c = int(c)
-        return class_names[c] if class_names is not None and c < len(class_names) else str(c)
-
+    fig, axes = _panels(2, n, 2.2, 2.4)
     for i in range(n):
-        top, bottom = axes[0, i], axes[1, i]
-        top.imshow(to_numpy_image(images[i]))
         caption = []
         if labels is not None:
-            caption.append(f"true {name(labels[i])}")
+            caption.append(f"true {_class_name(labels[i], class_names)}")
         if predictions is not None:
-            caption.append(f"pred {name(predictions[i])}")
-        top.set_title("\n".join(caption), fontsize=8)
-        bottom.imshow(overlay_heatmap(images[i], heatmaps[i]))
+            caption.append(f"pred {_class_name(predictions[i], class_names)}")
+        wrong = labels is not None and predictions is not None and int(labels[i]) != int(predictions[i])
+        _show(axes[0, i], images[i], "\n".join(caption), WRONG_COLOR if wrong else "black")
+        _show(axes[1, i], overlay_heatmap(images[i], heatmaps[i]))
         if boxes is not None:
-            _draw_box(bottom, boxes[i])
-        for ax in (top, bottom):
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _draw_box(axes[1, i], boxes[i])
     axes[0, 0].set_ylabel("image", fontsize=9)
     axes[1, 0].set_ylabel("heatmap", fontsize=9)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, title)
 
 
+# ------------------------------------------------------------------------------------ output, logging
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     """Save a figure (format from the suffix), creating folders, and close it."""
     path = Path(path)
@@ -108,102 +177,227 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
-# Interpretable CNN
-def filter_part_gallery(
-    images: torch.Tensor,
-    activations: torch.Tensor,
-    filters: Sequence[int],
-    k: int = 5,
-    thresholds: torch.Tensor | None = None,
-    receptive_field=None,
-    title: str = "Filter parts",
-) -> Figure:
-    """One row per filter: its top-k images by max activation, with the filter's region drawn on them.
+def figure_to_array(fig: Figure, dpi: int = 100) -> np.ndarray:
+    """The rendered figure as an (H, W, 3) uint8 array."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    buffer.seek(0)
+    return (plt.imread(buffer)[..., :3] * 255).round().astype(np.uint8)
 
-    The region is the bilinearly upsampled activation above the filter's threshold (`thresholds` (C,),
-    e.g. from `explain.filter_metrics.activation_thresholds`; default half of the image's peak), drawn as
-    a yellow contour over a dimmed outside. With a `receptive_field` (``.box(i, j)``, e.g.
-    ``model.receptive_field(H)``) the receptive field of the peak cell is boxed in cyan.
 
-    Args:
-        images: (N, 3, H, W) in [0, 1].
-        activations: (N, C, h, w) of the layer, for the same images.
-        filters: filter indices, one row each.
-        k: images per filter (at most N).
+def log_figure(fig: Figure, key: str, loggers: Iterable[Any] = (), directory: str | Path | None = None,
+               step: int | None = None, close: bool = True) -> list[Path]:
+    """Send a figure to every logger that takes images (``log_image``, e.g. WandbLogger); when none does
+    and `directory` is given, save it as ``<directory>/<key with / as _>.png``. Returns the files written."""
+    takers = [lg for lg in loggers if hasattr(lg, "log_image")]
+    written: list[Path] = []
+    if takers:
+        array = figure_to_array(fig)
+        for logger in takers:
+            logger.log_image(key=key, images=[array], step=step)
+    elif directory is not None:
+        path = Path(directory) / f"{key.replace('/', '_')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        written.append(path)
+    if close:
+        plt.close(fig)
+    return written
+
+
+# ------------------------------------------------------------------------------------ prototypes
+def _prototype_records(model) -> list[dict]:
+    """Per drawable prototype of a ProtoPNet (unpruned) or a ProtoTree (kept nodes): patch, captions, boxes."""
+    if hasattr(model, "prototype_class_identity"):  # ProtoPNet
+        keep = model.prototype_mask.cpu()
+        classes = model.prototype_class_identity.argmax(dim=1).cpu()
+        weights = model.last_layer.weight.detach().cpu()
+        return [{"id": j, "patch": model.prototype_patch[j], "class": int(classes[j]), "weights": weights[:, j],
+                 "source": int(model.prototype_source_index[j]), "box": model.prototype_box[j].tolist(),
+                 "rf_box": model.prototype_rf_box[j].tolist(), "label": f"p{j}"}
+                for j in keep.nonzero().squeeze(1).tolist()]
+    if hasattr(model, "node_prototype"):  # ProtoTree: the prototypes of the kept decision nodes
+        records = []
+        for node in model.structure().internal:
+            p = int(model.node_prototype[node])
+            records.append({"id": p, "patch": model.prototype_patch[p], "class": None, "weights": None,
+                            "source": int(model.prototype_source[p]), "box": model.prototype_box[p].tolist(),
+                            "rf_box": None, "label": f"node {node}"})
+        return records
+    raise TypeError(f"{type(model).__name__} has no stored prototypes (need a ProtoPNet or a ProtoTree)")
+
+
+def _source_images(source, indices: Sequence[int]) -> torch.Tensor:
+    """Images of the given sample indices from a tensor (N, 3, H, W), a Dataset, or a loader of dict batches."""
+    unique, inverse = torch.unique(torch.as_tensor(list(indices), dtype=torch.long), return_inverse=True)
+    if isinstance(source, torch.Tensor):
+        images = source[unique]
+    elif not isinstance(source, torch.utils.data.Dataset):
+        images = fetch_images(source, unique)  # a loader, or any iterable of dict batches
+    else:
+        items = [source[int(i)] for i in unique]
+        images = torch.stack([torch.as_tensor(it["image"] if isinstance(it, dict) else it[0]).float() for it in items])
+    return images.cpu()[inverse]
+
+
+def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[str] | None = None, columns: int = 10,
+                      source=None, top_weights: int = 2) -> Figure:
+    """Every stored prototype patch with its class and largest last-layer weights.
+
+    Reads only the model's buffers (ProtoPNet: ``prototype_patch``, ``prototype_class_identity``,
+    ``prototype_source_index``, ``prototype_mask``; ProtoTree: the kept nodes' patches), so a checkpoint
+    alone draws its prototypes; pruned prototypes are left out. With `source` (the push images as a
+    tensor, loader or dataset, indexed by sample index) each patch gets its source image beside it,
+    with the receptive field (cyan) and the high-activation box (yellow).
     """
-    if images.dim() != 4 or activations.dim() != 4 or len(images) != len(activations):
-        raise ValueError(
-            f"need images (N, 3, H, W) and activations (N, C, h, w) for the same N, got {tuple(images.shape)} "
-            f"and {tuple(activations.shape)}"
-        )
-    num_filters = activations.shape[1]
-    bad = [f for f in filters if not 0 <= int(f) < num_filters]
-    if bad or not len(filters):
-        raise ValueError(f"filters must be a non-empty list of indices in [0, {num_filters}), got {list(filters)}")
-    k = max(1, min(int(k), len(images)))
-    acts = activations.detach().float().cpu()
-    size = images.shape[-2:]
-    fig, axes = plt.subplots(len(filters), k, figsize=(1.8 * k, 1.9 * len(filters)), squeeze=False)
-    for row, f in enumerate(int(f) for f in filters):
-        peaks = acts[:, f].flatten(1).max(dim=1)
-        top = peaks.values.argsort(descending=True)[:k]
-        up = torch.nn.functional.interpolate(acts[top, f][:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        for col, n in enumerate(top.tolist()):
-            ax = axes[row, col]
-            img = to_numpy_image(images[n])
-            level = float(thresholds[f]) if thresholds is not None else 0.5 * float(peaks.values[n])
-            region = up[col].numpy() > level
-            ax.imshow(np.where(region[..., None], img, 0.35 * img))
-            if region.any() and not region.all():
-                ax.contour(region.astype(float), levels=[0.5], colors="yellow", linewidths=1.0)
-            if receptive_field is not None:
-                i, j = divmod(int(peaks.indices[n]), acts.shape[-1])
-                y0, y1, x0, x1 = receptive_field.box(i, j)
-                _draw_box(ax, (x0, y0, x1, y1), color="cyan")
-            ax.set_title(f"#{n}: {float(peaks.values[n]):.2g}", fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[row, 0].set_ylabel(f"filter {f}", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-__all__.append("filter_part_gallery")
-
-
-def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[str] | None = None, columns: int = 10) -> Figure:
-    """The stored patches of a pushed prototype model (ProtoPNet's `prototype_patch` buffer), one tile each.
-
-    Reads only the model's buffers (`prototype_patch`, `prototype_class_identity`, `prototype_source_index`,
-    optional `prototype_mask`), so a checkpoint alone can draw its prototypes. Pruned prototypes are left out.
-    """
-    patches = model.prototype_patch.detach().cpu()
-    classes = model.prototype_class_identity.argmax(dim=1).cpu()
-    sources = model.prototype_source_index.cpu()
-    keep = getattr(model, "prototype_mask", torch.ones(len(patches), dtype=torch.bool)).cpu()
-    ids = keep.nonzero().squeeze(1)[:max_prototypes].tolist()
-    n = max(len(ids), 1)
+    records = _prototype_records(model)[:max_prototypes]
+    pushed = [r for r in records if r["source"] >= 0]
+    sources = {}
+    if source is not None and pushed:
+        ids = sorted({r["source"] for r in pushed})
+        sources = dict(zip(ids, _source_images(source, ids)))
+    per = 2 if sources else 1
+    n = max(len(records), 1)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    fig, axes = _panels(rows, cols * per, 1.4, 1.75)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, j in zip(axes.flat, ids):
-        c = int(classes[j])
-        name = class_names[c] if class_names is not None and c < len(class_names) else str(c)
-        ax.imshow(to_numpy_image(patches[j]))
-        ax.set_title(f"p{j} {name}\nimg {int(sources[j])}", fontsize=6)
-    fig.suptitle(f"{type(model).__name__}: {len(ids)} prototype patches", fontsize=9)
-    fig.tight_layout()
-    return fig
+    for k, r in enumerate(records):
+        row, col = divmod(k, cols)
+        ax = axes[row, col * per]
+        ax.axis("on")
+        caption = r["label"] + (f" · {_class_name(r['class'], class_names)}" if r["class"] is not None else "")
+        _show(ax, r["patch"], caption if r["source"] >= 0 else caption + " (not pushed)")
+        if r["weights"] is not None and top_weights > 0:
+            top = r["weights"].topk(min(top_weights, len(r["weights"])))
+            ax.set_xlabel("w " + ", ".join(f"{_class_name(c, class_names)} {v:+.2f}" for v, c in
+                                           zip(top.values.tolist(), top.indices.tolist())), fontsize=6)
+        if r["source"] in sources:
+            src = axes[row, col * per + 1]
+            src.axis("on")
+            _show(src, sources[r["source"]], f"source #{r['source']}")
+            _draw_box(src, r["rf_box"], RF_COLOR)
+            _draw_box(src, r["box"], ACTIVATION_COLOR)
+    what = "prototype patches" + (" with source images (cyan: receptive field, yellow: high activation)" if sources else "")
+    return _finish(fig, f"{type(model).__name__}: {len(records)} {what}")
 
 
-# ProtoTree
-def _class_name(c: int, class_names: Sequence[str] | None) -> str:
-    return class_names[c] if class_names is not None and c < len(class_names) else str(c)
+def _pick(image: torch.Tensor, index: int) -> torch.Tensor:
+    return image[index] if image.dim() == 4 else image
 
 
+def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: int = 0, top_k: int = 5,
+                         class_names: Sequence[str] | None = None, source=None) -> Figure:
+    """ProtoPNet's local analysis of one image: its top-k prototypes, then the class scores.
+
+    Row i: the test image with the region most similar to prototype i (yellow box), its similarity
+    map, the prototype's patch (and its source image when `source` is given), and similarity x weight
+    = contribution to the explained class. The last row sums similarity x weight per class over all
+    prototypes (the logits) and over the k shown.
+    """
+    image = _pick(images, index)
+    if explanation is None:
+        explanation = model.explain(image[None].to(model.device), top_k=top_k)
+        index = 0
+    ev = explanation.evidence
+    if "prototype_ids" not in ev:
+        raise ValueError("this_looks_like_that needs a ProtoPNet explanation (evidence without 'prototype_ids')")
+    ids = ev["prototype_ids"][index][:top_k].cpu()
+    k = len(ids)
+    target = int(explanation.target[index])
+    src = _source_images(source, [int(model.prototype_source_index[j]) for j in ids]) if source is not None else None
+    cols = 4 + (src is not None)
+    fig = plt.figure(figsize=(1.9 * cols, 1.9 * (k + 1.3)))
+    grid = fig.add_gridspec(k + 1, cols, height_ratios=[1] * k + [1.3])
+    for i, j in enumerate(ids.tolist()):
+        axes = [fig.add_subplot(grid[i, c]) for c in range(cols)]
+        for ax in axes:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        _show(axes[0], image, "test image: this ..." if i == 0 else None)
+        _draw_box(axes[0], ev["box"][index, i].tolist())
+        _show(axes[1], overlay_heatmap(image, ev["activation_map"][index, i]), "similarity map" if i == 0 else None)
+        cls = _class_name(int(ev["prototype_class"][index, i]), class_names)
+        _show(axes[2], ev["prototype_patch"][index, i], f"... looks like p{j} ({cls})")
+        if src is not None:
+            _show(axes[3], src[i], f"source #{int(model.prototype_source_index[j])}")
+            _draw_box(axes[3], ev["prototype_rf_box"][index, i].tolist(), RF_COLOR)
+            _draw_box(axes[3], ev["prototype_box"][index, i].tolist(), ACTIVATION_COLOR)
+        s, w, c = (float(ev[key][index, i]) for key in ("similarity", "weight", "contribution"))
+        axes[-1].axis("off")
+        axes[-1].text(0.0, 0.5, f"similarity {s:.3f}\n× weight {w:+.3f}\n= {c:+.3f}", fontsize=8, va="center",
+                      family="monospace")
+    ax = fig.add_subplot(grid[k, :])
+    logits = explanation.logits[index].detach().float().cpu()
+    sims = ev["similarity"][index][:top_k].detach().float().cpu()
+    shown = (sims[None] * model.last_layer.weight.detach().cpu()[:, ids]).sum(dim=1)
+    order = logits.argsort(descending=True)[: min(5, len(logits))].tolist()[::-1]
+    y = np.arange(len(order))
+    ax.barh(y - 0.18, logits[order].numpy(), height=0.36, color="0.35", label="all prototypes (logit)")
+    ax.barh(y + 0.18, shown[order].numpy(), height=0.36, color="tab:orange", label=f"top {k} shown")
+    ax.set_yticks(y, [_class_name(c, class_names) + (" (explained)" if c == target else "") for c in order], fontsize=7)
+    ax.set_xlabel("Σ similarity × weight per class", fontsize=7)
+    ax.legend(fontsize=6, loc="lower right")
+    return _finish(fig, f"This looks like that: image explained as {_class_name(target, class_names)}")
+
+
+def _as_loader(loader):
+    """DataLoaders pass through; a dict batch or a tensor of images becomes a one-batch list."""
+    if isinstance(loader, torch.Tensor):
+        loader = {"image": loader, "label": torch.full((len(loader),), -1)}
+    if isinstance(loader, dict):
+        n = len(loader["image"])
+        return [{"index": torch.arange(n), **{k: v for k, v in loader.items() if k in ("image", "label", "index")}}]
+    return loader
+
+
+@torch.no_grad()
+def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] | None = None, k: int = 4,
+                    class_names: Sequence[str] | None = None) -> Figure:
+    """ProtoPNet's global analysis: for each prototype, its patch and its k nearest images (one patch each)
+    in `loader` (e.g. the push data) and optionally `test_loader`, with the patch's high-activation box.
+
+    Neighbours of another class than the prototype's are titled in red (what pruning removes).
+    Loaders give dict batches with "image", "label", "index"; a dict of tensors works too.
+    """
+    if not hasattr(model, "nearest_patches"):
+        raise TypeError(f"global_analysis needs a ProtoPNet, got {type(model).__name__}")
+    ids = list(prototypes) if prototypes is not None else model.prototype_mask.nonzero().squeeze(1)[:8].tolist()
+    splits = [("train", _as_loader(loader))] + ([("test", _as_loader(test_loader))] if test_loader is not None else [])
+    columns = []  # per split: (name, images (P, k, 3, H, W) or None, boxes, labels, distances)
+    for name, ldr in splits:
+        near = model.nearest_patches(ldr, k=k)
+        sel = near.sample_index[ids].cpu()
+        found = sel >= 0
+        images = _source_images(ldr, sel[found].tolist())
+        maps = model.distances(images.to(model.device))
+        rows = torch.arange(len(ids))[:, None].expand_as(sel)[found]
+        proto = torch.as_tensor(ids)[rows]
+        sim = similarity(maps[torch.arange(len(images)), proto.to(maps.device)], model.similarity_kind)
+        boxes = high_activation_boxes(sim, tuple(images.shape[-2:]))[0].cpu()
+        columns.append((name, found, images, boxes, near.label[ids].cpu(), near.distance[ids].cpu(), sel))
+    fig, axes = _panels(len(ids), 1 + k * len(columns), 1.4, 1.55)
+    classes = model.prototype_classes.cpu()
+    for r, j in enumerate(ids):
+        _show(axes[r, 0], model.prototype_patch[j], f"p{j} · {_class_name(classes[j], class_names)}")
+    for s, (name, found, images, boxes, labels, dists, sel) in enumerate(columns):
+        n = 0
+        for r in range(len(ids)):
+            for c in range(k):
+                ax = axes[r, 1 + s * k + c]
+                if not found[r, c]:
+                    ax.axis("off")
+                    continue
+                wrong = int(labels[r, c]) >= 0 and int(labels[r, c]) != int(classes[ids[r]])
+                _show(ax, images[n], f"{name} #{int(sel[r, c])} d={float(dists[r, c]):.2f}", WRONG_COLOR if wrong else "black")
+                _draw_box(ax, boxes[n].tolist())
+                n += 1
+    what = "nearest training" + (" and test" if test_loader is not None else "") + " patches per prototype"
+    return _finish(fig, f"Global analysis: {what} (red: another class)")
+
+
+# ------------------------------------------------------------------------------------------ ProtoTree
 def tree_dot(model, class_names: Sequence[str] | None = None, image_dir: str | Path | None = None) -> str:
     """Graphviz DOT of a (pruned) ProtoTree: decision nodes, leaves with their class distribution.
 
@@ -246,11 +440,9 @@ def render_tree(model, path: str | Path, class_names: Sequence[str] | None = Non
     """Write the tree as ``<path>.dot`` (with prototype patch PNGs beside it) and render it with `dot`.
 
     The format follows the suffix of `path` (``.svg`` by default, ``.png``, ``.pdf``). Returns the
-    rendered file, or the ``.dot`` file when Graphviz's `dot` is not installed.
+    rendered file, or the ``.dot`` file when Graphviz's `dot` is not installed (`tree_figure` draws
+    the tree with matplotlib alone).
     """
-    import shutil
-    import subprocess
-
     path = Path(path)
     if path.suffix not in (".svg", ".png", ".pdf"):
         path = path.with_suffix(".svg")
@@ -269,6 +461,56 @@ def render_tree(model, path: str | Path, class_names: Sequence[str] | None = Non
     return path
 
 
+def tree_figure(model, class_names: Sequence[str] | None = None) -> Figure:
+    """The whole (pruned) ProtoTree with matplotlib alone: each decision node's prototype patch, each
+    leaf's class distribution (grey bars) and argmax class; dashed edges = absent (left), solid = present."""
+    s = model.structure()
+    dists = model.leaf_distributions().detach().float().cpu()
+    pos: dict[int, tuple[float, float]] = {}
+    counter = iter(range(len(s.leaves)))
+
+    def place(node: int, level: int) -> float:
+        if node in s.children:
+            x = (place(s.children[node][0], level + 1) + place(s.children[node][1], level + 1)) / 2
+        else:
+            x = float(next(counter))
+        pos[node] = (x, -1.6 * level)
+        return x
+
+    place(s.internal[0] if s.internal else s.leaves[0], 0)
+    depth = int(-min(y for _, y in pos.values()) / 1.6)
+    fig, ax = plt.subplots(figsize=(min(40.0, 1.25 * len(s.leaves) + 1), 1.5 * (depth + 1) + 0.6))
+    for node, (left, right) in s.children.items():
+        (x, y) = pos[node]
+        for child, style, text in ((left, "--", "absent"), (right, "-", "present")):
+            cx, cy = pos[child]
+            ax.plot([x, cx], [y - 0.45, cy + 0.45], style, color="0.4", linewidth=1, zorder=1)
+            ax.text((x + cx) / 2, (y + cy) / 2, text, fontsize=6, ha="center", color="0.3",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    for node in s.internal:
+        x, y = pos[node]
+        proto = int(model.node_prototype[node])
+        ax.imshow(to_numpy_image(model.prototype_patch[proto]), extent=(x - 0.45, x + 0.45, y - 0.45, y + 0.45), zorder=2)
+        projected = int(model.prototype_source[proto]) >= 0
+        ax.text(x, y + 0.5, f"node {node}" + ("" if projected else " (not projected)"), fontsize=6, ha="center", va="bottom")
+    for node in s.leaves:
+        x, y = pos[node]
+        dist = dists[node - s.num_internal]
+        width = 0.9 / len(dist)
+        for c, p in enumerate(dist.tolist()):
+            ax.add_patch(Rectangle((x - 0.45 + c * width, y - 0.3), width * 0.9, 0.7 * p, color="0.3", zorder=2))
+        ax.add_patch(Rectangle((x - 0.45, y - 0.3), 0.9, 0.7, fill=False, edgecolor="0.6", zorder=2))
+        top = int(dist.argmax())
+        ax.text(x, y - 0.38, f"leaf {node - s.num_internal}\n{_class_name(top, class_names)} {float(dist[top]):.2f}",
+                fontsize=6, ha="center", va="top")
+    xs = [x for x, _ in pos.values()]
+    ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
+    ax.set_ylim(-1.6 * depth - 1.0, 0.9)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return _finish(fig, f"ProtoTree: {len(s.internal)} decision nodes, {len(s.leaves)} leaves")
+
+
 def tree_path_figure(model, image: torch.Tensor, explanation, index: int = 0,
                      class_names: Sequence[str] | None = None) -> Figure:
     """Local explanation of one image: its greedy path, node by node, then the leaf's distribution.
@@ -279,56 +521,140 @@ def tree_path_figure(model, image: torch.Tensor, explanation, index: int = 0,
     """
     steps = explanation.evidence["path"][index]
     n = len(steps) + 1
-    fig, axes = plt.subplots(2, n, figsize=(2.0 * n, 4.4), squeeze=False)
-    img = to_numpy_image(image)
+    fig, axes = _panels(2, n, 2.0, 2.2)
     for col, step in enumerate(steps):
-        top, bottom = axes[0, col], axes[1, col]
-        top.imshow(to_numpy_image(model.prototype_patch[step["prototype"]]))
         projected = int(model.prototype_source[step["prototype"]]) >= 0
-        top.set_title(f"node {step['node']}" + ("" if projected else " (not projected)"), fontsize=8)
-        bottom.imshow(img)
+        _show(axes[0, col], model.prototype_patch[step["prototype"]],
+              f"node {step['node']}" + ("" if projected else " (not projected)"))
         if step["present"]:
-            _draw_box(bottom, step["box"])
-            bottom.set_title(f"Present, similarity {step['similarity']:.2f}", fontsize=7)
+            _show(axes[1, col], image, f"Present, similarity {step['similarity']:.2f}")
+            _draw_box(axes[1, col], step["box"])
         else:
-            bottom.set_title("Absent", fontsize=7)
+            _show(axes[1, col], image, f"Absent, similarity {step['similarity']:.2f}", "0.4")
     dist = explanation.evidence["leaf_distribution"][index].detach().float().cpu().numpy()
     pred = int(dist.argmax())
-    axes[0, -1].imshow(overlay_heatmap(image, explanation.heatmap[index]))
-    axes[0, -1].set_title("path heatmap", fontsize=8)
-    axes[1, -1].bar(np.arange(len(dist)), dist, color="0.4")
+    _show(axes[0, -1], overlay_heatmap(image, explanation.heatmap[index]), "path heatmap")
+    axes[1, -1].bar(np.arange(len(dist)), dist, color="0.35")
     axes[1, -1].set_ylim(0, 1)
-    axes[1, -1].set_title(f"leaf {int(explanation.evidence['leaf'][index])}: {_class_name(pred, class_names)}", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle("ProtoTree decision path (left = absent, right = present)", fontsize=9)
-    fig.tight_layout()
-    return fig
+    axes[1, -1].set_title(f"leaf {int(explanation.evidence['leaf'][index])}: {_class_name(pred, class_names)}",
+                          fontsize=PANEL_SIZE)
+    return _finish(fig, f"ProtoTree decision path: {len(steps)} decisions to class {_class_name(pred, class_names)}")
 
 
-__all__ += ["tree_dot", "render_tree", "tree_path_figure"]
+# ---------------------------------------------------------------------------------- Interpretable CNN
+def filter_part_gallery(
+    images: torch.Tensor,
+    activations: torch.Tensor,
+    filters: Sequence[int],
+    k: int = 5,
+    thresholds: torch.Tensor | None = None,
+    receptive_field=None,
+    title: str = "Filter parts",
+    row_labels: Sequence[str] | None = None,
+) -> Figure:
+    """One row per filter: its top-k images by max activation, with the filter's region drawn on them.
+
+    The region is the bilinearly upsampled activation above the filter's threshold (`thresholds` (C,),
+    e.g. from `explain.filter_metrics.activation_thresholds`; default half of the image's peak), drawn as
+    a yellow contour over a dimmed outside. With a `receptive_field` (``.box(i, j)``, e.g.
+    ``model.receptive_field(H)``) the receptive field of the peak cell is boxed in cyan.
+
+    Args:
+        images: (N, 3, H, W) in [0, 1].
+        activations: (N, C, h, w) of the layer, for the same images.
+        filters: filter indices, one row each.
+        k: images per filter (at most N).
+        row_labels: one label per row (default "filter f").
+    """
+    if images.dim() != 4 or activations.dim() != 4 or len(images) != len(activations):
+        raise ValueError(
+            f"need images (N, 3, H, W) and activations (N, C, h, w) for the same N, got {tuple(images.shape)} "
+            f"and {tuple(activations.shape)}"
+        )
+    num_filters = activations.shape[1]
+    bad = [f for f in filters if not 0 <= int(f) < num_filters]
+    if bad or not len(filters):
+        raise ValueError(f"filters must be a non-empty list of indices in [0, {num_filters}), got {list(filters)}")
+    k = max(1, min(int(k), len(images)))
+    acts = activations.detach().float().cpu()
+    size = images.shape[-2:]
+    fig, axes = _panels(len(filters), k, 1.8, 1.9)
+    for row, f in enumerate(int(f) for f in filters):
+        peaks = acts[:, f].flatten(1).max(dim=1)
+        top = peaks.values.argsort(descending=True)[:k]
+        up = torch.nn.functional.interpolate(acts[top, f][:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        for col, n in enumerate(top.tolist()):
+            ax = axes[row, col]
+            img = to_numpy_image(images[n])
+            level = float(thresholds[f]) if thresholds is not None else 0.5 * float(peaks.values[n])
+            region = up[col].numpy() > level
+            _show(ax, np.where(region[..., None], img, 0.35 * img), f"#{n}: {float(peaks.values[n]):.2g}")
+            if region.any() and not region.all():
+                ax.contour(region.astype(float), levels=[0.5], colors=ACTIVATION_COLOR, linewidths=1.0)
+            if receptive_field is not None:
+                i, j = divmod(int(peaks.indices[n]), acts.shape[-1])
+                y0, y1, x0, x1 = receptive_field.box(i, j)
+                _draw_box(ax, (x0, y0, x1, y1), color=RF_COLOR)
+        axes[row, 0].set_ylabel(row_labels[row] if row_labels is not None else f"filter {f}", fontsize=8)
+    return _finish(fig, title)
 
 
-# Post-hoc
-def method_grid(images: torch.Tensor, heatmaps_by_method: dict[str, torch.Tensor], max_images: int = 8) -> Figure:
+@torch.no_grad()
+def icnn_filter_gallery(model, images: torch.Tensor, filters: Sequence[int] | None = None, k: int = 4,
+                        class_names: Sequence[str] | None = None, max_filters: int = 6) -> Figure:
+    """`filter_part_gallery` of an InterpretableCNN's last interpretable layer (masked maps), each row
+    labelled with the filter's category. Default filters: per class, the filter of that category with the
+    highest mean peak activation over `images` (at most `max_filters` rows)."""
+    was_training = model.training
+    model.eval()
+    _, maps = model.layer_maps(images.to(model.device))
+    model.train(was_training)
+    acts = maps[-1].masked.cpu()
+    categories = model.filter_categories().cpu()
+    if filters is None:
+        peak = acts.flatten(2).amax(dim=2).mean(dim=0)
+        filters = [int(torch.where(categories == c, peak, -torch.inf).argmax())
+                   for c in categories.unique().tolist()][:max_filters]
+    labels = [f"filter {f} → {_class_name(categories[f], class_names)}" for f in filters]
+    return filter_part_gallery(images.cpu(), acts, filters, k=k, receptive_field=model.receptive_field(images.shape[-1]),
+                               title="Interpretable CNN: top images of each filter (yellow: part region, cyan: receptive field)",
+                               row_labels=labels)
+
+
+# ---------------------------------------------------------------------------------- CAM, post-hoc
+def cam_grid(model, images: torch.Tensor, top: int = 3, class_names: Sequence[str] | None = None,
+             labels: Sequence[int] | torch.Tensor | None = None) -> Figure:
+    """One row per image: the image, then the model's own explanation (a CAM for CAMNet) of each of its
+    `top` most probable classes, titled with the class and its probability."""
+    was_training = model.training
+    model.eval()
+    images = images.to(model.device)
+    with torch.no_grad():
+        probs = model(images).softmax(dim=1)
+    top = min(top, probs.shape[1])
+    ranked = probs.topk(top, dim=1)
+    fig, axes = _panels(len(images), top + 1, 1.9, 2.0)
+    for rank in range(top):
+        explanation = model.explain(images, target=ranked.indices[:, rank])
+        for i in range(len(images)):
+            c, p = int(ranked.indices[i, rank]), float(ranked.values[i, rank])
+            _show(axes[i, rank + 1], overlay_heatmap(images[i], explanation.heatmap[i]), f"{_class_name(c, class_names)} p={p:.2f}")
+    for i in range(len(images)):
+        _show(axes[i, 0], images[i], f"true {_class_name(labels[i], class_names)}" if labels is not None else "image")
+    model.train(was_training)
+    return _finish(fig, f"{type(model).__name__}: explanations of the top {top} classes")
+
+
+def method_grid(images: torch.Tensor, heatmaps_by_method: dict[str, torch.Tensor], max_images: int = 8,
+                title: str = "Post-hoc explanations: one column per method") -> Figure:
     """One row per image: the image, then its heatmap from every method (columns named after them)."""
     methods = list(heatmaps_by_method)
-    n = min(len(images), max_images, *(len(h) for h in heatmaps_by_method.values()))
-    if n == 0 or not methods:
+    n = min(len(images), max_images, *(len(h) for h in heatmaps_by_method.values())) if methods else 0
+    if n == 0:
         raise ValueError("method_grid needs at least one image and one method")
-    fig, axes = plt.subplots(n, len(methods) + 1, figsize=(1.9 * (len(methods) + 1), 1.9 * n), squeeze=False)
+    fig, axes = _panels(n, len(methods) + 1, 1.9, 1.9)
     for i in range(n):
-        axes[i, 0].imshow(to_numpy_image(images[i]))
+        _show(axes[i, 0], images[i], "image" if i == 0 else None)
         for j, method in enumerate(methods, start=1):
-            axes[i, j].imshow(overlay_heatmap(images[i], heatmaps_by_method[method][i]))
-    for j, title in enumerate(["image", *methods]):
-        axes[0, j].set_title(title, fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return fig
-
-
-__all__ += ["method_grid"]
+            _show(axes[i, j], overlay_heatmap(images[i], heatmaps_by_method[method][i]), method if i == 0 else None)
+    return _finish(fig, title)
