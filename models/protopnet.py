@@ -365,19 +365,21 @@ class ProtoPNet(InterpretableClassifier):
             for group in joint.param_groups:
                 group["lr"] = group["initial_lr"] * self._lr_factor(plan.joint_epochs)
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         optimizer = self.optimizers()[PHASES.index(self.phase)]
         loss = self._shared_step(batch, "train")
+        if loss is None:  # a non-finite batch skipped by the base class (skip_nonfinite)
+            return None
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
         return loss.detach()
 
     def on_validation_epoch_end(self) -> None:
-        # val/acc_pushed: validation accuracy of a pushed model, 0 while the prototypes are not the
+        # val/acc_pushed: validation accuracy of a pushed model, -1 while the prototypes are not the
         # pushed ones, so that ModelCheckpoint(monitor="val/acc_pushed") only selects interpretable models.
         pushed = self.plan().phase == "last" and int(self.push_epoch) >= 0
-        acc = self.val_metrics["acc"].compute() if pushed else torch.zeros((), device=self.device)
+        acc = self.val_metrics["acc"].compute() if pushed else torch.full((), -1.0, device=self.device)
         self.log("val/acc_pushed", acc, sync_dist=False)  # compute() already syncs across ranks
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
