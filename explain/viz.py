@@ -354,17 +354,18 @@ def _as_loader(loader):
 
 @torch.no_grad()
 def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] | None = None, k: int = 4,
-                    class_names: Sequence[str] | None = None) -> Figure:
+                    class_names: Sequence[str] | None = None, names: tuple[str, str] = ("train", "test")) -> Figure:
     """ProtoPNet's global analysis: for each prototype, its patch and its k nearest images (one patch each)
     in `loader` (e.g. the push data) and optionally `test_loader`, with the patch's high-activation box.
 
     Neighbours of another class than the prototype's are titled in red (what pruning removes).
-    Loaders give dict batches with "image", "label", "index"; a dict of tensors works too.
+    Loaders give dict batches with "image", "label", "index"; a dict of tensors works too. `names`
+    label the two sets in titles.
     """
     if not hasattr(model, "nearest_patches"):
         raise TypeError(f"global_analysis needs a ProtoPNet, got {type(model).__name__}")
     ids = list(prototypes) if prototypes is not None else model.prototype_mask.nonzero().squeeze(1)[:8].tolist()
-    splits = [("train", _as_loader(loader))] + ([("test", _as_loader(test_loader))] if test_loader is not None else [])
+    splits = [(names[0], _as_loader(loader))] + ([(names[1], _as_loader(test_loader))] if test_loader is not None else [])
     columns = []  # per split: (name, images (P, k, 3, H, W) or None, boxes, labels, distances)
     for name, ldr in splits:
         near = model.nearest_patches(ldr, k=k)
@@ -393,7 +394,7 @@ def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] |
                 _show(ax, images[n], f"{name} #{int(sel[r, c])} d={float(dists[r, c]):.2f}", WRONG_COLOR if wrong else "black")
                 _draw_box(ax, boxes[n].tolist())
                 n += 1
-    what = "nearest training" + (" and test" if test_loader is not None else "") + " patches per prototype"
+    what = f"nearest {names[0]}" + (f" and {names[1]}" if test_loader is not None else "") + " patches per prototype"
     return _finish(fig, f"Global analysis: {what} (red: another class)")
 
 
