@@ -4,8 +4,9 @@ per cell) and a figure grid of the same images explained by every method.
     python -m explain.compare --checkpoint cam=runs/cam/.../best.ckpt resnet=runs/plain/.../best.ckpt \\
         --methods intrinsic gradcam integrated_gradients lime rise --num-images 100 --out runs/compare
 
-Checkpoints are Lightning checkpoints of zoo models; the class comes from the checkpoint (LightningCLI's
-``_class_path``), the run's ``config.yaml`` next to ``checkpoints/``, or ``--model-class``. The data is
+Checkpoints are Lightning checkpoints of zoo models, read with ``weights_only=True``; the class comes from
+``--model-class``, the checkpoint (``zoo_class_path``, LightningCLI's ``_class_path``) or the run's
+``config.yaml`` next to ``checkpoints/``. The data is
 SyntheticParts' test split, built from the run's ``data`` config (so it matches training) or from
 ``--data-arg key=value``; ``--data-file`` takes a ``torch.save``d dict of tensors instead ("image",
 "label", optional "part_masks", "body_box"). Only `main` touches `train/` (lazily, in
@@ -70,7 +71,8 @@ METRICS: dict[str, MetricFn] = {
     "road_lerf": lambda m, x, h, t, b: M.road(m, x, h, t, order="lerf"),
     "average_drop": lambda m, x, h, t, b: M.average_drop(m, x, h, t),
     "increase_in_confidence": lambda m, x, h, t, b: M.increase_in_confidence(m, x, h, t),
-    "pointing_game": lambda m, x, h, t, b: M.pointing_game(m, x, h, t, masks=_part_union(b)),
+    # 15 px at the paper's 224 px, scaled to the image (at 64 px a 15 px radius covers most objects)
+    "pointing_game": lambda m, x, h, t, b: M.pointing_game(m, x, h, t, masks=_part_union(b), tolerance=15 * x.shape[-1] / 224),
     "energy_pointing_game": lambda m, x, h, t, b: M.energy_pointing_game(m, x, h, t, masks=_box_mask(b)),
     "relevance_mass": lambda m, x, h, t, b: M.relevance_mass(m, x, h, t, masks=_part_union(b)),
     "funnybirds": _funnybirds,
@@ -78,15 +80,16 @@ METRICS: dict[str, MetricFn] = {
 HIGHER_IS_BETTER = {
     "deletion": False, "road_morf": False, "average_drop": False, "time_ms": False,
 }  # every other column: higher is better
-DEFAULT_METRICS = ("deletion", "insertion", "pointing_game", "energy_pointing_game", "relevance_mass", "funnybirds")
+DEFAULT_METRICS = ("deletion", "insertion", "road_morf", "average_drop", "increase_in_confidence", "pointing_game",
+                   "energy_pointing_game", "relevance_mass", "funnybirds")
 
 
 # ----------------------------------------------------------------------------- loading
-def _class_path(checkpoint: Path, hparams: dict, model_class: str | None) -> str:
-    if model_class:
-        return model_class
-    if hparams.get("_class_path"):
-        return hparams["_class_path"]
+def _class_path(checkpoint: Path, ckpt: dict, model_class: str | None) -> str:
+    hparams = ckpt.get("hyper_parameters") or {}
+    for found in (model_class, ckpt.get("zoo_class_path"), hparams.get("_class_path")):
+        if found:
+            return found
     config = checkpoint.resolve().parent.parent / "config.yaml"  # runs/<name>/<stamp>/checkpoints/x.ckpt
     if config.is_file():
         model_cfg = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
@@ -102,7 +105,7 @@ def load_model(path: str | Path, model_class: str | None = None, device: str | t
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hparams = dict(ckpt.get("hyper_parameters") or {})
-    module, _, name = _class_path(path, hparams, model_class).rpartition(".")
+    module, _, name = _class_path(path, ckpt, model_class).rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     model = cls(**kwargs)
@@ -159,14 +162,17 @@ def _method_kwargs(method: str, quick: bool) -> dict:
 def evaluate(
     models: dict[str, nn.Module], data: dict, methods: Sequence[str], metrics: Sequence[str], *,
     target: str = "label", batch_size: int = 32, quick: bool = False, device: str | torch.device = "cpu",
-    keep_heatmaps: int = 0,
+    keep_heatmaps: int = 0, model_methods: dict[str, Sequence[str]] | None = None,
+    method_kwargs: dict[str, dict] | None = None,
 ) -> tuple[list[dict], dict[str, dict[str, Tensor]]]:
     """Per-image scores as rows {model, method, metric, image, value}, and the first `keep_heatmaps`
-    heatmaps per model and method (for the figure). "intrinsic" is skipped for models without explain()."""
+    heatmaps per model and method (for the figure). `model_methods` overrides `methods` per model;
+    "intrinsic" is skipped for models without their own explain()."""
+    model_methods = dict(model_methods or {})
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")
-    unknown = [m for m in methods if m not in list_methods()]
+    unknown = [m for m in {*methods, *(x for v in model_methods.values() for x in v)} if m not in list_methods()]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list_methods()}")
     rows: list[dict] = []
@@ -174,7 +180,7 @@ def evaluate(
     n = len(data["image"])
     for model_name, model in models.items():
         kept[model_name] = {}
-        for method in methods:
+        for method in model_methods.get(model_name, methods):
             if method == "intrinsic" and not _has_own_explain(model):
                 continue
             heatmaps, values, funny = [], {m: [] for m in metrics if m != "funnybirds"}, []
@@ -186,7 +192,8 @@ def evaluate(
                     predicted = model(images).argmax(1)
                 explained = batch["label"] if target == "label" else predicted
                 tic = time.perf_counter()
-                maps = attribute(model, images, explained, method=method, **_method_kwargs(method, quick))
+                kwargs = {**_method_kwargs(method, quick), **(method_kwargs or {}).get(method, {})}
+                maps = attribute(model, images, explained, method=method, **kwargs)
                 seconds += time.perf_counter() - tic
                 heatmaps.append(maps[: max(0, keep_heatmaps - start)].cpu())
                 for metric in metrics:
@@ -274,6 +281,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", nargs="+", required=True, help="[NAME=]PATH of Lightning checkpoints")
     p.add_argument("--model-class", default=None, help="class path when the checkpoint does not tell it")
     p.add_argument("--methods", nargs="+", default=["intrinsic", "gradcam", "integrated_gradients", "lime", "rise"])
+    p.add_argument("--model-methods", nargs="*", default=[], help="NAME=m1,m2: other methods for model NAME")
+    p.add_argument("--method-arg", nargs="*", default=[], help="METHOD.key=value (YAML value), e.g. rise.n_masks=2000")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help=f"of {sorted(METRICS)}")
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--data-file", default=None, help="torch.save'd dict of tensors instead of SyntheticParts")
@@ -303,8 +312,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         data_args = dict((_run_config(specs[0][1]).get("data") or {}).get("init_args") or {})
         data_args.update({k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.data_arg)})
         data = load_synthetic(data_args, args.num_images)
+    model_methods = {name: methods.split(",") for name, methods in (a.split("=", 1) for a in args.model_methods)}
+    method_kwargs: dict[str, dict] = {}
+    for arg in args.method_arg:
+        key, value = arg.split("=", 1)
+        method, _, option = key.partition(".")
+        method_kwargs.setdefault(method, {})[option] = yaml.safe_load(value)
     rows, heatmaps = evaluate(models, data, args.methods, args.metrics, target=args.target, batch_size=args.batch_size,
-                              quick=args.quick, device=args.device, keep_heatmaps=args.figure_images)
+                              quick=args.quick, device=args.device, keep_heatmaps=args.figure_images,
+                              model_methods=model_methods, method_kwargs=method_kwargs)
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -107,9 +107,11 @@ def test_data_file_and_plain_model_skip_intrinsic(tmp_path, synthetic):
     data_file = tmp_path / "data.pt"
     torch.save({k: synthetic[k] for k in ("image", "label", "part_masks", "body_box")}, data_file)
     summary = main(["--checkpoint", f"cam={path}", "--model-class", "models.CAMNet", "--data-file", str(data_file),
-                    "--methods", "gradcam", "--metrics", "energy_pointing_game", "relevance_mass", "--num-images", "2",
+                    "--methods", "gradcam", "--model-methods", "cam=intrinsic,rise", "--method-arg", "rise.n_masks=4",
+                    "--metrics", "energy_pointing_game", "relevance_mass", "--num-images", "2",
                     "--device", "cpu", "--out", str(tmp_path / "o2"), "--figure-images", "2"])
     assert {s["metric"] for s in summary} == {"energy_pointing_game", "relevance_mass", "time_ms"}
+    assert {s["method"] for s in summary} == {"intrinsic", "rise"}  # the per-model override wins
     plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
     rows, _ = evaluate({"plain": plain}, {k: synthetic[k] for k in ("image", "label", "part_masks")},
