@@ -1,4 +1,4 @@
-"""The shared prototype machinery: distances, push, boxes, nearest patches (no model needed).
+"""The shared prototype machinery: distances, push, boxes, nearest patches (and ProtoPNet.push under DDP).
 
 Latent maps are looked up from a fixed table by the image's id (pixel [0, 0, 0]), so every check is
 exact and independent of any network.
@@ -183,14 +183,15 @@ def test_crop_patches_of_a_coloured_block():
 
 
 class _IndexedDataset(torch.utils.data.Dataset):
-    def __init__(self, images):
+    def __init__(self, images, labels=None):
         self.images = images
+        self.labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        return {"image": self.images[i], "label": torch.tensor(0), "index": torch.tensor(i)}
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
 
 
 def test_fetch_images_from_dataset_and_by_scanning():
@@ -215,9 +216,21 @@ def _ddp_worker(rank: int, world: int, port: int, path: str) -> None:
         shard = torch.arange(rank, N, world)  # DistributedSampler(shuffle=False) order
         r = push_prototypes(_lookup(latent), protos, _loader(labels, 3, shard), allowed)
         nn_ = nearest_patches(_lookup(latent), protos, _loader(labels, 3, shard), k=4)
-        torch.save({"push": r.__dict__, "nearest": nn_.__dict__}, f"{path}/rank{rank}.pt")
+        # ProtoPNet.push on a DistributedSampler shard (fetches its patches from the dataset by index).
+        model, dataset = _tiny_protopnet()
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+        model.push(torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler))
+        torch.save({"push": r.__dict__, "nearest": nn_.__dict__, "model": model.state_dict()}, f"{path}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _tiny_protopnet():
+    from models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("protopnet_test_resnet", num_classes=3, stage=2).eval()
+    return model, _IndexedDataset(torch.rand(9, 3, 32, 32), labels=torch.arange(9) % 3)
 
 
 def _free_port() -> int:
@@ -235,8 +248,12 @@ def test_two_process_ddp_push_equals_single_process(tmp_path):
     latent, labels, protos, allowed = _table()
     ref = push_prototypes(_lookup(latent), protos, _loader(labels, 5), allowed).__dict__
     ref_nn = nearest_patches(_lookup(latent), protos, _loader(labels, 5), k=4).__dict__
+    model, dataset = _tiny_protopnet()
+    model.push(torch.utils.data.DataLoader(dataset, batch_size=4))
     for rank in range(2):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(out["model"][key], value, atol=1e-6, rtol=0, msg=f"rank {rank} model {key}")
         for key, value in ref.items():
             torch.testing.assert_close(out["push"][key], value, atol=0, rtol=0, msg=f"rank {rank} push {key}")
         for key, value in ref_nn.items():
