@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone
 from .base import Explanation, InterpretableClassifier
+from .pretrained import PretrainedEntry, register_pretrained
 from .registry import register_model
 
 __all__ = ["CAMNet", "cam_bounding_boxes"]
@@ -134,3 +135,9 @@ def cam_vgg16(**kwargs) -> CAMNet:
 def cam_test_resnet(**kwargs) -> CAMNet:
     """timm's tiny `test_resnet` trunk: for tests and quick CPU experiments."""
     return _cam("test_resnet", **kwargs)
+
+
+register_pretrained(PretrainedEntry(
+    name="cam_resnet18.synthparts", class_path="models.cam.CAMNet", dataset="SyntheticParts (10 classes, 64 px)",
+    config="configs/cam/synthetic.yaml", notes="ResNet-18 cut after layer3, GAP, linear",
+))

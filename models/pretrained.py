@@ -50,7 +50,6 @@ class PretrainedEntry:
 
     name: str
     class_path: str
-    init_args: dict[str, Any]
     dataset: str
     config: str
     url: str | None = None

@@ -34,7 +34,7 @@ def test_registered_entry_verifies_hash(tiny, tmp_path, monkeypatch):
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({"checkpoints": {"tiny_test": {"file": path.name, "sha256": pretrained_mod.sha256_of(path)}}}))
     monkeypatch.setattr(pretrained_mod, "MANIFEST", manifest)
-    entry = pretrained_mod.PretrainedEntry("tiny_test", "models.cam.CAMNet", {}, "none", "none")
+    entry = pretrained_mod.PretrainedEntry("tiny_test", "models.cam.CAMNet", "none", "none")
     monkeypatch.setitem(pretrained_mod._ENTRIES, "tiny_test", entry)
     assert isinstance(load_pretrained("tiny_test"), CAMNet)
     data = bytearray(path.read_bytes())

@@ -1,0 +1,95 @@
+"""Train the released checkpoints with the repo's own configs and record them in the manifest.
+
+    python checkpoints/build.py                     # every declared *.synthparts checkpoint
+    python checkpoints/build.py cam_resnet18.synthparts --max_epochs 2   # one, shorter (a smoke run)
+
+For each entry: `train.py fit` with its config and seed, the selected checkpoint is tested on the
+SyntheticParts test split, saved as a small weights-only zoo file `checkpoints/<name>.pt`, and the
+manifest records file, sha256, size, accuracy, the exact command, seed and data arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+from models.pretrained import MANIFEST, _entry, save_zoo_checkpoint, sha256_of  # noqa: E402
+from train.cli import main as cli_main  # noqa: E402
+
+
+def _selected_checkpoint(run_dir: Path) -> Path:
+    ckpts = sorted((run_dir / "checkpoints").glob("best*.ckpt")) or [run_dir / "checkpoints" / "last.ckpt"]
+    return ckpts[-1]
+
+
+def _public_args(args: list[str]) -> list[str]:
+    """The fit command as a user would type it (without this script's temporary run folder)."""
+    out, skip = [], False
+    for a in args:
+        if skip or a == "--runs_root":
+            skip = a == "--runs_root"
+            continue
+        out.append(a)
+    return out
+
+
+def build(name: str, work: Path, extra: list[str]) -> dict:
+    entry = _entry(name)
+    fit_args = ["fit", "--config", entry.config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                "--runs_root", str(work), "--name", name, "--test_after_fit", "false", *extra]
+    start = time.time()
+    cli = cli_main(fit_args)
+    train_seconds = time.time() - start
+    run_dir = Path(cli.trainer.default_root_dir)
+    ckpt = _selected_checkpoint(run_dir)
+    test = cli_main(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", str(ckpt),
+                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                     "--trainer.default_root_dir", str(run_dir / "test")])
+    test_acc = float(test.trainer.callback_metrics["test/acc"])
+    model = models.load_pretrained(ckpt, check_hash=False)
+    data_cfg = test.config["test"]["data"]
+    out = save_zoo_checkpoint(model, ROOT / "checkpoints" / f"{name}.pt",
+                              meta={"name": name, "test_acc": test_acc, "config": entry.config})
+    seed = test.config["test"]["seed_everything"]
+    return {
+        "file": out.name,
+        "sha256": sha256_of(out),
+        "size_bytes": out.stat().st_size,
+        "class_path": entry.class_path,
+        "metrics": {"test_acc": test_acc},
+        "command": "python train.py " + " ".join(shlex.quote(a) for a in _public_args(fit_args)),
+        "config": entry.config,
+        "seed": seed,
+        "data": {"class_path": data_cfg["class_path"], "init_args": dict(data_cfg["init_args"])},
+        "train_seconds": round(train_seconds, 1),
+        "created": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="entries to build (default: every *.synthparts entry)")
+    parser.add_argument("--max_epochs", type=int, default=None, help="override the recipe (smoke runs only)")
+    args = parser.parse_args(argv)
+    names = args.names or [n for n in models.list_pretrained() if n.endswith(".synthparts")]
+    extra = ["--trainer.max_epochs", str(args.max_epochs)] if args.max_epochs else []
+    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {"checkpoints": {}}
+    with tempfile.TemporaryDirectory() as work:
+        for name in names:
+            record = build(name, Path(work), extra)
+            manifest["checkpoints"][name] = record
+            MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            print(f"{name}: test acc {100 * record['metrics']['test_acc']:.2f}%, "
+                  f"{record['size_bytes'] / 1e6:.1f} MB, {record['train_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

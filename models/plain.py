@@ -1,0 +1,59 @@
+"""A plain (not interpretable by design) timm classifier: the baseline that post-hoc methods explain."""
+from __future__ import annotations
+
+import timm
+from torch import Tensor, nn
+
+from .backbones import UnknownBackboneError
+from .base import Explanation, InterpretableClassifier
+from .pretrained import PretrainedEntry, register_pretrained
+from .registry import register_model
+
+__all__ = ["PlainClassifier"]
+
+
+class PlainClassifier(InterpretableClassifier):
+    """Any timm classifier behind the zoo's contract (images in [0, 1], metrics, checkpoints).
+
+    It has no explanation of its own: use `explain.posthoc.attribute(model, images, method=...)`.
+
+    Args:
+        num_classes: number of classes.
+        architecture: a timm model name (``"resnet18"``, ``"vgg16"``, ...).
+        pretrained_backbone: ImageNet weights from timm (needs network) or a weights file.
+        **kwargs: optimisation arguments of `InterpretableClassifier`.
+    """
+
+    def __init__(self, num_classes: int, architecture: str = "resnet18", pretrained_backbone: bool | str = False, **kwargs) -> None:
+        super().__init__(num_classes=num_classes, **kwargs)
+        if not timm.is_model(architecture):
+            raise UnknownBackboneError(f"unknown architecture {architecture!r}: timm does not know it")
+        overlay = {"pretrained_cfg_overlay": {"file": pretrained_backbone}} if isinstance(pretrained_backbone, str) else {}
+        self.net = timm.create_model(architecture, num_classes=num_classes, pretrained=bool(pretrained_backbone), **overlay)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(self.normalize(images))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        head = self.net.get_classifier()
+        head_ids = {id(p) for p in head.parameters()}
+        return {"backbone": [p for p in self.net.parameters() if id(p) not in head_ids], "head": list(head.parameters())}
+
+    def explain(self, images: Tensor, target: Tensor | int | None = None) -> Explanation:
+        raise NotImplementedError(
+            "a plain classifier has no explanation of its own; use explain.posthoc.attribute(model, images, method=...)"
+        )
+
+
+@register_model
+def plain_resnet18(**kwargs) -> PlainClassifier:
+    """A standard ResNet-18 classifier (the post-hoc baseline)."""
+    kwargs.setdefault("num_classes", 1000)
+    return PlainClassifier(architecture="resnet18", **kwargs)
+
+
+register_pretrained(PretrainedEntry(
+    name="plain_resnet18.synthparts", class_path="models.plain.PlainClassifier",
+    dataset="SyntheticParts (10 classes, 64 px)", config="configs/plain/synthetic.yaml",
+    notes="the non-interpretable baseline that post-hoc methods explain",
+))
