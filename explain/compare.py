@@ -209,6 +209,7 @@ def evaluate(
                 best = M.funnybirds_at_best_threshold(merged)
                 columns.update({f"fb_{k}": v for k, v in best.items() if k != "threshold"})
             columns["time_ms"] = torch.full((n,), 1000 * seconds / n)
+            print(f"[compare] {model_name} / {method}: {n} images, {seconds:.1f} s explaining", flush=True)
             for metric, column in columns.items():
                 rows += [{"model": model_name, "method": method, "metric": metric, "image": i, "value": float(v)}
                          for i, v in enumerate(column.tolist())]

@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import math
 import warnings
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -181,7 +180,7 @@ def find_layer(model: nn.Module, images: Tensor) -> nn.Module:
     return found[-1]
 
 
-@contextmanager
+@contextlib.contextmanager
 def _captured(layer: nn.Module) -> Iterator[list[Tensor]]:
     """Keep the output of each call of `layer`; downstream layers get a copy, so an in-place op after
     the layer (``out += identity``) cannot overwrite the activations that are kept."""
