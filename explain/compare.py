@@ -34,8 +34,8 @@ from models.base import InterpretableClassifier
 
 __all__ = ["METRICS", "HIGHER_IS_BETTER", "load_model", "load_synthetic", "evaluate", "summarise", "to_markdown", "main"]
 
-# name -> fn(model, images, heatmaps, target, batch) -> (B,) or a dict of (B,) / (B, T) tensors
-MetricFn = Callable[[nn.Module, Tensor, Tensor, Tensor, dict], Any]
+# name -> fn(model, images, heatmaps, target, batch, **options) -> (B,) or a dict of (B,) / (B, T) tensors
+MetricFn = Callable[..., Any]
 
 
 def _part_union(batch: dict) -> Tensor:
@@ -55,26 +55,28 @@ def _box_mask(batch: dict) -> Tensor:
     return (xs >= box[:, 0, None, None]) & (xs < box[:, 2, None, None]) & (ys >= box[:, 1, None, None]) & (ys < box[:, 3, None, None])
 
 
-def _funnybirds(model, images, heatmaps, target, batch) -> dict[str, Tensor]:
+def _funnybirds(model, images, heatmaps, target, batch, **kw) -> dict[str, Tensor]:
     if "render_fn" not in batch:
         raise ValueError("funnybirds needs data that can be re-rendered (SyntheticParts)")
     return M.funnybirds(
         model, images, heatmaps, target, render_fn=batch["render_fn"], indices=batch["index"],
         part_names=batch["part_names"], part_masks=batch.get("part_masks"), background_names=batch["background_names"],
+        **kw,
     )
 
 
 METRICS: dict[str, MetricFn] = {
-    "deletion": lambda m, x, h, t, b: M.deletion(m, x, h, t),
-    "insertion": lambda m, x, h, t, b: M.insertion(m, x, h, t),
-    "road_morf": lambda m, x, h, t, b: M.road(m, x, h, t, order="morf"),
-    "road_lerf": lambda m, x, h, t, b: M.road(m, x, h, t, order="lerf"),
-    "average_drop": lambda m, x, h, t, b: M.average_drop(m, x, h, t),
-    "increase_in_confidence": lambda m, x, h, t, b: M.increase_in_confidence(m, x, h, t),
-    # 15 px at the paper's 224 px, scaled to the image (at 64 px a 15 px radius covers most objects)
-    "pointing_game": lambda m, x, h, t, b: M.pointing_game(m, x, h, t, masks=_part_union(b), tolerance=15 * x.shape[-1] / 224),
-    "energy_pointing_game": lambda m, x, h, t, b: M.energy_pointing_game(m, x, h, t, masks=_box_mask(b)),
-    "relevance_mass": lambda m, x, h, t, b: M.relevance_mass(m, x, h, t, masks=_part_union(b)),
+    "deletion": lambda m, x, h, t, b, **kw: M.deletion(m, x, h, t, **kw),
+    "insertion": lambda m, x, h, t, b, **kw: M.insertion(m, x, h, t, **kw),
+    "road_morf": lambda m, x, h, t, b, **kw: M.road(m, x, h, t, order="morf", **kw),
+    "road_lerf": lambda m, x, h, t, b, **kw: M.road(m, x, h, t, order="lerf", **kw),
+    "average_drop": lambda m, x, h, t, b, **kw: M.average_drop(m, x, h, t, **kw),
+    "increase_in_confidence": lambda m, x, h, t, b, **kw: M.increase_in_confidence(m, x, h, t, **kw),
+    # default tolerance: 15 px at the paper's 224 px, scaled to the image (at 64 px 15 px covers most objects)
+    "pointing_game": lambda m, x, h, t, b, **kw: M.pointing_game(
+        m, x, h, t, masks=_part_union(b), **{"tolerance": 15 * x.shape[-1] / 224, **kw}),
+    "energy_pointing_game": lambda m, x, h, t, b, **kw: M.energy_pointing_game(m, x, h, t, masks=_box_mask(b), **kw),
+    "relevance_mass": lambda m, x, h, t, b, **kw: M.relevance_mass(m, x, h, t, masks=_part_union(b), **kw),
     "funnybirds": _funnybirds,
 }
 HIGHER_IS_BETTER = {
@@ -163,7 +165,7 @@ def evaluate(
     models: dict[str, nn.Module], data: dict, methods: Sequence[str], metrics: Sequence[str], *,
     target: str = "label", batch_size: int = 32, quick: bool = False, device: str | torch.device = "cpu",
     keep_heatmaps: int = 0, model_methods: dict[str, Sequence[str]] | None = None,
-    method_kwargs: dict[str, dict] | None = None,
+    method_kwargs: dict[str, dict] | None = None, metric_kwargs: dict[str, dict] | None = None,
 ) -> tuple[list[dict], dict[str, dict[str, Tensor]]]:
     """Per-image scores as rows {model, method, metric, image, value}, and the first `keep_heatmaps`
     heatmaps per model and method (for the figure). `model_methods` overrides `methods` per model;
@@ -197,7 +199,7 @@ def evaluate(
                 seconds += time.perf_counter() - tic
                 heatmaps.append(maps[: max(0, keep_heatmaps - start)].cpu())
                 for metric in metrics:
-                    out = METRICS[metric](model, images, maps, explained, batch)
+                    out = METRICS[metric](model, images, maps, explained, batch, **(metric_kwargs or {}).get(metric, {}))
                     if metric == "funnybirds":
                         funny.append(out)
                     else:
@@ -271,6 +273,18 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- command line
+def _options(pairs: Sequence[str]) -> dict[str, dict]:
+    """["rise.n_masks=2000", ...] -> {"rise": {"n_masks": 2000}} (values parsed as YAML)."""
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        name, dot, option = key.partition(".")
+        if not (sep and dot and option):
+            raise ValueError(f"expected NAME.option=value, got {pair!r}")
+        out.setdefault(name, {})[option] = yaml.safe_load(value)
+    return out
+
+
 def _default_name(checkpoint: Path) -> str:
     """The run name of runs/<name>/<stamp>/checkpoints/x.ckpt, else the file's stem."""
     parts = checkpoint.resolve().parts
@@ -285,6 +299,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--model-methods", nargs="*", default=[], help="NAME=m1,m2: other methods for model NAME")
     p.add_argument("--method-arg", nargs="*", default=[], help="METHOD.key=value (YAML value), e.g. rise.n_masks=2000")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help=f"of {sorted(METRICS)}")
+    p.add_argument("--metric-arg", nargs="*", default=[], help="METRIC.key=value (YAML value), e.g. deletion.step=128")
     p.add_argument("--num-images", type=int, default=100)
     p.add_argument("--data-file", default=None, help="torch.save'd dict of tensors instead of SyntheticParts")
     p.add_argument("--data-arg", nargs="*", default=[], help="SyntheticParts overrides, key=value (YAML values)")
@@ -314,14 +329,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         data_args.update({k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.data_arg)})
         data = load_synthetic(data_args, args.num_images)
     model_methods = {name: methods.split(",") for name, methods in (a.split("=", 1) for a in args.model_methods)}
-    method_kwargs: dict[str, dict] = {}
-    for arg in args.method_arg:
-        key, value = arg.split("=", 1)
-        method, _, option = key.partition(".")
-        method_kwargs.setdefault(method, {})[option] = yaml.safe_load(value)
+    method_kwargs, metric_kwargs = _options(args.method_arg), _options(args.metric_arg)
     rows, heatmaps = evaluate(models, data, args.methods, args.metrics, target=args.target, batch_size=args.batch_size,
                               quick=args.quick, device=args.device, keep_heatmaps=args.figure_images,
-                              model_methods=model_methods, method_kwargs=method_kwargs)
+                              model_methods=model_methods, method_kwargs=method_kwargs, metric_kwargs=metric_kwargs)
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -117,5 +117,10 @@ def test_data_file_and_plain_model_skip_intrinsic(tmp_path, synthetic):
     rows, _ = evaluate({"plain": plain}, {k: synthetic[k] for k in ("image", "label", "part_masks")},
                        ["intrinsic", "gradcam"], ["pointing_game"])
     assert {r["method"] for r in rows} == {"gradcam"}  # a model without explain() has no intrinsic row
+    rows, _ = evaluate({"plain": plain}, {k: synthetic[k] for k in ("image", "label", "part_masks")}, ["gradcam"],
+                       ["pointing_game"], metric_kwargs={"pointing_game": {"tolerance": 100.0}})
+    assert all(r["value"] == 1.0 for r in rows if r["metric"] == "pointing_game")  # every pixel is within 100 px
+    with pytest.raises(ValueError, match="NAME.option=value"):
+        main(["--checkpoint", str(path), "--metric-arg", "deletion=3", "--data-file", str(data_file)])
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate({"plain": plain}, synthetic, ["gradcam"], ["nope"])
