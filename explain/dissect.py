@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .concepts import BrodenConcepts, ConceptSet, concept_batch
-from .posthoc import resolve_layer
+from .posthoc import find_layer, resolve_layer
 
 __all__ = [
     "Dissection",
@@ -89,22 +89,18 @@ def layer_output(model: nn.Module, layer: nn.Module | str, images: Tensor, stop:
     return captured[0]
 
 
-def default_layer(model: nn.Module) -> str | nn.Module:
+def default_layer(model: nn.Module, image_size: int = 64) -> str | nn.Module:
     """The layer dissected when none is named: an ICNN's last interpretable layer (`feature_layer`),
-    else the trunk (`backbone`), else the module named ``features``."""
+    else the trunk (`backbone`), else the last module with a spatial 4-D output (`find_layer`)."""
     if isinstance(getattr(model, "feature_layer", None), nn.Module):
         return model.feature_layer
-    for name in ("backbone", "features"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    raise ValueError(f"{type(model).__name__} has no backbone or features module; name the layer to dissect")
-
-
-def _device_of(model: nn.Module, device: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    if isinstance(getattr(model, "backbone", None), nn.Module):
+        return "backbone"
+    param, was_training = next(model.parameters(), None), model.training
+    try:
+        return find_layer(model.eval(), torch.zeros(1, 3, image_size, image_size, device=param.device if param is not None else "cpu"))
+    finally:
+        model.train(was_training)
 
 
 # ------------------------------------------------------------------------------------ quantiles
@@ -261,15 +257,13 @@ def _update_top(top: tuple[Tensor, Tensor, Tensor] | None, act: Tensor, first: i
     return scores.gather(1, best), positions.gather(1, best), maps[torch.arange(c, device=act.device)[:, None], best]
 
 
-def _batches(model: nn.Module, layer: nn.Module | str, loader: Iterable, num_concepts: int, dev: torch.device,
+def _batches(model: nn.Module, layer: nn.Module, loader: Iterable, num_concepts: int, dev: torch.device,
              max_batches: int | None) -> Iterable[tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]]:
-    """(images, concept maps, annotated, activations, dataset indices or None) per batch, on `dev`."""
+    """(images and activations on `dev`, concept maps, annotated, dataset indices or None) per batch."""
     for batch in islice(loader, max_batches):
         images, maps, annotated = concept_batch(batch, num_concepts)
         images = images.to(dev)
-        act = layer_output(model, layer, images).float()
-        index = batch.get("index")
-        yield images, maps.to(dev), None if annotated is None else annotated.to(dev), act, index
+        yield images, maps, annotated, layer_output(model, layer, images).float(), batch.get("index")
 
 
 def _thumbnails(images: Tensor, size: int) -> Tensor:
@@ -309,7 +303,9 @@ def dissect(
     """
     if not 0 < top_fraction < 1:
         raise ValueError(f"top_fraction must be in (0, 1), got {top_fraction}")
-    dev, num_concepts, was_training = _device_of(model, device), len(concepts), model.training
+    param = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    num_concepts, was_training = len(concepts), model.training
     layer_name = layer if isinstance(layer, str) else next((n for n, m in model.named_modules() if m is layer), type(layer).__name__)
     layer = resolve_layer(model, layer)  # fails before any pass when the name is wrong
     model.eval()
@@ -338,7 +334,8 @@ def dissect(
         thumbs, seen2 = [], 0
         stream = _batches(model, layer, loader, num_concepts, dev, max_batches)
         for i, (images, maps, annotated, act, index) in enumerate(stream):
-            b, size = len(images), maps.shape[-2:]
+            b, size, maps = len(images), maps.shape[-2:], maps.to(dev)
+            annotated = annotated.to(dev) if annotated is not None else None
             if i >= len(order) or seen2 + b > seen or (index is not None and not torch.equal(index.cpu(), order[i])):
                 raise ValueError("the loader must yield the same images in the same order on each pass (do not shuffle)")
             truth += torch.bincount(maps.flatten(), minlength=num_concepts + 1)
@@ -490,14 +487,32 @@ def write_report(d: Dissection, out_dir: str | Path, title: str | None = None, m
 
 
 # ------------------------------------------------------------------------------------ command line
-def _synthetic_init(args: argparse.Namespace) -> dict[str, Any]:
-    """SyntheticParts arguments: the config's data.init_args, then --data-args, then --size."""
+def _recipe_data(spec: str) -> dict[str, Any]:
+    """SyntheticParts arguments a checkpoint was trained with: the manifest's data section of a released
+    name, or the run's config.yaml next to a train.py checkpoint (runs/<name>/<time>/checkpoints/x.ckpt)."""
+    from models.pretrained import MANIFEST
+
+    data: dict[str, Any] = {}
+    if MANIFEST.is_file():
+        data = json.loads(MANIFEST.read_text()).get("checkpoints", {}).get(spec, {}).get("data") or {}
+    run_config = Path(spec).parent.parent / "config.yaml"
+    if not data and Path(spec).is_file() and run_config.is_file():
+        import yaml
+
+        data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {}
+    return dict(data.get("init_args") or {}) if str(data.get("class_path", "")).endswith("SyntheticParts") else {}
+
+
+def _synthetic_init(args: argparse.Namespace, spec: str) -> dict[str, Any]:
+    """SyntheticParts arguments: the checkpoint's recipe (or --config), then --data-args, then --size."""
     init: dict[str, Any] = {}
     if args.config:
         import yaml
 
         data = (yaml.safe_load(Path(args.config).read_text()) or {}).get("data") or {}
         init.update(data.get("init_args") or {})
+    else:
+        init.update(_recipe_data(spec))
     init.update(json.loads(args.data_args))
     if args.size is not None:
         init[f"{args.split}_size"] = args.size
@@ -510,14 +525,14 @@ def _load_model(spec: str, args: argparse.Namespace) -> nn.Module:
         from models import create_model
 
         kwargs = json.loads(args.model_args)
-        kwargs.setdefault("num_classes", _synthetic_init(args).get("num_classes", 10))
+        kwargs.setdefault("num_classes", _synthetic_init(args, spec).get("num_classes", 10))
         return create_model(spec[5:], **kwargs).eval()
     from models.pretrained import load_pretrained
 
     return load_pretrained(spec)
 
 
-def _data(args: argparse.Namespace, model: nn.Module) -> tuple[Iterable, ConceptSet]:
+def _data(args: argparse.Namespace, spec: str, model: nn.Module) -> tuple[Iterable, ConceptSet]:
     if args.data != "synthetic":
         from torch.utils.data import DataLoader
 
@@ -525,7 +540,7 @@ def _data(args: argparse.Namespace, model: nn.Module) -> tuple[Iterable, Concept
         return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers), dataset.concepts
     from train.data import SyntheticParts  # lazily: explain/ does not import train/ at module level
 
-    init = _synthetic_init(args)
+    init = _synthetic_init(args, spec)
     init.setdefault("num_classes", getattr(model, "num_classes", 10))
     dm = SyntheticParts(**init)
     loaders = {"train": dm.push_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}
@@ -540,7 +555,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-args", default="{}", help="JSON constructor arguments of arch: models")
     p.add_argument("--layer", default=None, help="dotted module name (default: an ICNN's interpretable layer, else the backbone)")
     p.add_argument("--data", default="synthetic", help="'synthetic' or a Broden-layout folder")
-    p.add_argument("--config", default=None, help="a training config whose data.init_args build SyntheticParts")
+    p.add_argument("--config", default=None,
+                   help="a training config whose data.init_args build SyntheticParts (default: the checkpoint's own recipe)")
     p.add_argument("--data-args", default="{}", help="JSON SyntheticParts arguments (override --config)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--size", type=int, default=None, help="number of images of the split")
@@ -549,10 +565,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--top-fraction", type=float, default=0.005)
-    p.add_argument("--iou-threshold", type=float, default=0.04)
-    p.add_argument("--bins", type=int, default=2048)
-    p.add_argument("--top-k", type=int, default=10)
+    for flag, kind, default in (("--top-fraction", float, 0.005), ("--iou-threshold", float, 0.04), ("--bins", int, 2048), ("--top-k", int, 10)):
+        p.add_argument(flag, type=kind, default=default)
     p.add_argument("--max-units", type=int, default=None, help="units shown in the HTML (best first)")
     return p
 
@@ -575,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 raise
             print(f"skipping {spec}: {str(exc).splitlines()[0]}")
             continue
-        loader, concepts = _data(args, model)
+        loader, concepts = _data(args, spec, model)
         d = dissect(model, args.layer or default_layer(model), loader, concepts, top_fraction=args.top_fraction,
                     iou_threshold=args.iou_threshold, bins=args.bins, top_k=args.top_k, device=device)
         name = Path(spec).stem if Path(spec).suffix in (".ckpt", ".pt", ".pth") else spec.replace(":", "_").replace("/", "_")
