@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from explain.concepts import BrodenConcepts, ConceptSet, concept_maps_from_masks
-from explain.dissect import StreamingQuantile, count_detectors, dissect, layer_output, main, write_report
+from explain.dissect import StreamingQuantile, count_detectors, default_layer, dissect, layer_output, main, write_report
 
 torch.set_num_threads(2)
 
@@ -293,6 +293,30 @@ def test_command_line_on_synthetic_parts(tmp_path):
     with (tmp_path / "summary.csv").open() as fh:
         summary = list(csv.DictReader(fh))
     assert summary[0]["model"] == "arch_cam_test_resnet" and int(summary[0]["units"]) == rows[0]["units"]
+
+
+def test_command_line_reads_the_data_recipe_next_to_a_checkpoint(tmp_path):
+    from models import create_model
+    from models.pretrained import save_zoo_checkpoint
+
+    run = tmp_path / "runs" / "cam" / "20260101-000000"
+    ckpt = save_zoo_checkpoint(create_model("cam_test_resnet", num_classes=3), run / "checkpoints" / "best.pt")
+    (run / "config.yaml").write_text(
+        "data:\n  class_path: train.data.SyntheticParts\n  init_args:\n"
+        "    num_classes: 3\n    image_size: 32\n    train_size: 4\n    val_size: 4\n    test_size: 5\n"
+    )
+    rows = main(["--model", str(ckpt), "--out", str(tmp_path / "out"), "--top-k", "1", "--device", "cpu"])
+    assert rows[0]["model"] == "best" and rows[0]["layer"] == "backbone"
+    assert "5 images;" in (tmp_path / "out" / "best" / "report.html").read_text()
+
+
+def test_default_layer():
+    from models import create_model
+
+    assert default_layer(create_model("cam_test_resnet", num_classes=2)) == "backbone"
+    relu = nn.ReLU()
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), relu, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    assert default_layer(plain) is relu  # the last spatial map; the pooled 1 x 1 map is not one
 
 
 # ------------------------------------------------------------------------------------ Broden layout
