@@ -53,7 +53,8 @@ def build(kind: str, args: argparse.Namespace, num_classes: int) -> pl.Lightning
     if kind == "ordinary":
         return CAMNet(extra_conv=Backbone(args.backbone, stage=args.stage).out_channels, **common)
     weight = args.filter_loss_weight if kind == "interpretable" else 0.0
-    return InterpretableCNN(filter_loss_weight=weight, variant=args.variant, tau=args.tau, **common)
+    return InterpretableCNN(filter_loss_weight=weight, filter_loss_warmup=args.warmup, variant=args.variant,
+                            tau=args.tau, **common)
 
 
 def evaluate(model: pl.LightningModule, kind: str, dm: SyntheticParts, image_size: int) -> dict:
@@ -81,6 +82,9 @@ def run(kind: str, args: argparse.Namespace, dm: SyntheticParts) -> dict:
     seconds = time.perf_counter() - start
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     model.eval()
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(args.save, f"{kind}.pt"))
     row = {"network": kind, "lambda": getattr(model, "filter_loss_weight", 0.0), "test_acc": acc,
            "train_s": seconds, "img_per_s": args.epochs * args.train_size / seconds, "peak_mb": peak_memory_mb()}
     row.update(evaluate(model, kind, dm, args.image_size))
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--stage", type=int, default=2, help="resnet18 stage 2 = layer2: 8x8 maps at 64 px")
     parser.add_argument("--filter-loss-weight", type=float, default=1.0)
+    parser.add_argument("--warmup", type=int, default=2, help="epochs before the filter loss is switched on")
     parser.add_argument("--variant", default="paper", choices=["paper", "released_code"])
     parser.add_argument("--tau", default="n2")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument("--networks", nargs="+", default=["interpretable", "no_filter_loss", "ordinary"],
                         choices=["interpretable", "no_filter_loss", "ordinary"])
     parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--save", default=None, help="folder for the trained networks' state dicts")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.train_size, args.test_size = 1, 128, 64
@@ -116,7 +122,8 @@ def main() -> None:
                         val_size=64, test_size=args.test_size, batch_size=args.batch_size, seed=args.seed)
     rows = [run(kind, args, dm) for kind in args.networks]
     print(f"\nSyntheticParts-{args.num_classes} at {args.image_size} px, {args.backbone} stage {args.stage}, "
-          f"{args.epochs} epochs x {args.train_size} images, variant {args.variant}, tau {args.tau}, seed {args.seed}")
+          f"{args.epochs} epochs x {args.train_size} images (filter loss from epoch {args.warmup}), variant {args.variant}, "
+          f"tau {args.tau}, seed {args.seed}")
     header = (f"{'network':<15} {'lambda':>6} {'test acc':>8} {'PI class':>8} {'PI all':>7} {'LI class':>8} "
               f"{'LI all':>7} {'train s':>8} {'img/s':>6} {'peak MB':>8}")
     print(header)

@@ -344,6 +344,9 @@ class InterpretableCNN(InterpretableClassifier):
         variant: ``"paper"`` or ``"released_code"`` mask (see the module docstring).
         beta, tau, prior_alpha, momentum, beta_rate: of the templates and the loss (`InterpretableLayer`).
         filter_loss_weight: lambda; the total is cross_entropy + lambda * filter_loss.
+        filter_loss_warmup: epochs trained with lambda = 0 first (the filter loss is still logged and the
+            categories are tracked). The paper fine-tunes a pretrained CNN, whose filters already prefer
+            classes; from scratch, categories read off random filters lock in a skewed assignment.
         head: ``"gap"`` (GAP + linear) or ``"fc"`` (max-pool, fc6, fc7, fc8, as the paper's VGG head).
         fc_hidden, fc_grid: width of fc6/fc7 and the pooled grid fc6 sees (7 for VGG-16 at 224 px).
         dropout: before each linear layer of the head.
@@ -367,6 +370,7 @@ class InterpretableCNN(InterpretableClassifier):
         momentum: float = 0.9,
         beta_rate: float = 0.05,
         filter_loss_weight: float = 1.0,
+        filter_loss_warmup: int = 0,
         head: Literal["gap", "fc"] = "gap",
         fc_hidden: int = 4096,
         fc_grid: int = 7,
@@ -380,12 +384,12 @@ class InterpretableCNN(InterpretableClassifier):
             raise ValueError(f"logistic mode has num_classes=2 (negative, positive), got {num_classes}")
         if num_layers < 0 or (num_layers == 0 and not mask_backbone):
             raise ValueError(f"need at least one interpretable layer: num_layers={num_layers}, mask_backbone={mask_backbone}")
-        if filter_loss_weight < 0:
-            raise ValueError(f"filter_loss_weight must be >= 0, got {filter_loss_weight}")
+        if filter_loss_weight < 0 or filter_loss_warmup < 0:
+            raise ValueError(f"filter_loss_weight and filter_loss_warmup must be >= 0, got {filter_loss_weight}, {filter_loss_warmup}")
         if head not in ("gap", "fc"):
             raise ValueError(f"head must be 'gap' or 'fc', got {head!r}")
         self.mode, self.positive_class = mode, positive_class
-        self.filter_loss_weight = float(filter_loss_weight)
+        self.filter_loss_weight, self.filter_loss_warmup = float(filter_loss_weight), int(filter_loss_warmup)
         self.backbone = Backbone(backbone, stage=stage, pretrained=pretrained_backbone)
         channels = self.backbone.out_channels
         layer_kw = dict(
@@ -453,7 +457,8 @@ class InterpretableCNN(InterpretableClassifier):
             for layer, m in zip(self.interpretable, maps):
                 layer.update_statistics(m, labels)
         filter_loss = sum(layer.filter_loss(m, labels, update=self.training) for layer, m in zip(self.interpretable, maps))
-        return logits, {"loss": ce + self.filter_loss_weight * filter_loss, "cross_entropy": ce, "filter_loss": filter_loss}
+        weight = self.filter_loss_weight if self.current_epoch >= self.filter_loss_warmup else 0.0
+        return logits, {"loss": ce + weight * filter_loss, "cross_entropy": ce, "filter_loss": filter_loss}
 
     def _task_batch(self, batch: Any) -> Any:
         """In logistic mode the labels become 1 for `positive_class` and 0 for every other class."""

@@ -372,3 +372,18 @@ def test_configs_resolve_and_build():
     _, losses = net.compute_losses(torch.rand(4, 3, size, size), torch.tensor([0, 1, 2, 3]))
     losses["loss"].backward()
     assert net.layer_maps(torch.rand(1, 3, size, size))[1][-1].masked.shape[-1] == size // 8
+
+
+def test_filter_loss_warmup_switches_lambda_on_after_the_warmup_epochs():
+    net = InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, filter_loss_weight=2.0, filter_loss_warmup=1)
+    images, labels = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+
+    class FakeTrainer:
+        current_epoch = 0
+
+    net._trainer = FakeTrainer()
+    _, warm = net.compute_losses(images, labels)
+    torch.testing.assert_close(warm["loss"], warm["cross_entropy"])
+    FakeTrainer.current_epoch = 1
+    _, on = net.compute_losses(images, labels)
+    torch.testing.assert_close(on["loss"], on["cross_entropy"] + 2.0 * on["filter_loss"])
