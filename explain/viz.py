@@ -13,6 +13,7 @@ take images (wandb) or else writes a PNG.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any, Iterable, Sequence
 
 import matplotlib
 
-matplotlib.use("Agg", force=False)
+if "inline" not in os.environ.get("MPLBACKEND", ""):  # Jupyter kernels keep their inline display
+    matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -66,7 +68,11 @@ def _normalise_heatmap(heatmap: torch.Tensor | np.ndarray) -> np.ndarray:
     hm = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap, float)
     hm = np.nan_to_num(hm, nan=np.nanmin(hm) if np.isfinite(hm).any() else 0.0)
     lo, hi = hm.min(), hm.max()
-    return (hm - lo) / (hi - lo) if hi > lo else np.zeros_like(hm)
+    # A map constant up to float rounding (e.g. a 1x1 latent map upsampled) is drawn as constant, not as
+    # its amplified rounding noise.
+    if hi - lo <= 1e-5 * max(abs(hi), abs(lo), 1e-12):
+        return np.zeros_like(hm)
+    return (hm - lo) / (hi - lo)
 
 
 def overlay_heatmap(image, heatmap, alpha: float = 0.6) -> np.ndarray:
@@ -271,8 +277,8 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
         _show(ax, r["patch"], caption if r["source"] >= 0 else caption + " (not pushed)")
         if r["weights"] is not None and top_weights > 0:
             top = r["weights"].topk(min(top_weights, len(r["weights"])))
-            ax.set_xlabel("w " + ", ".join(f"{_class_name(c, class_names)} {v:+.2f}" for v, c in
-                                           zip(top.values.tolist(), top.indices.tolist())), fontsize=6)
+            ax.set_xlabel("\n".join(f"w {_class_name(c, class_names)} {v:+.2f}" for v, c in
+                                     zip(top.values.tolist(), top.indices.tolist())), fontsize=6)
         if r["source"] in sources:
             src = axes[row, col * per + 1]
             src.axis("on")

@@ -58,7 +58,7 @@ def protopnet(loader):
 @pytest.fixture(scope="module")
 def tree(loader):
     torch.manual_seed(0)
-    model = create_model("prototree_test_resnet", num_classes=3, depth=3).eval()
+    model = create_model("prototree_test_resnet", num_classes=3, depth=3, stage=2).eval()  # 4x4 latent cells
     with torch.no_grad():
         model.leaves.copy_(torch.randn(model.leaves.shape, generator=torch.Generator().manual_seed(1)) * 3)
     model.project(loader)
@@ -100,6 +100,8 @@ def test_overlay_keeps_the_image_where_the_heatmap_is_zero_and_tints_it_elsewher
     jet_top = np.array(plt.get_cmap("jet")(1.0)[:3])
     np.testing.assert_allclose(out[0, 15], 0.4 * img[0, 15] + 0.6 * jet_top, atol=1e-6)
     np.testing.assert_allclose(viz.overlay_heatmap(image, torch.full((16, 16), 3.0)), img, atol=1e-6)
+    # constant up to float rounding (an upsampled 1x1 map): drawn as constant, not as amplified noise
+    np.testing.assert_allclose(viz.overlay_heatmap(image, 3.0 + 1e-7 * torch.rand(16, 16)), img, atol=1e-6)
     with pytest.raises(ValueError, match="does not match"):
         viz.overlay_heatmap(image, torch.zeros(8, 8))
 
@@ -145,7 +147,7 @@ def test_prototype_gallery_is_drawn_from_the_checkpoint_alone(protopnet):
                                    atol=1e-6)
         assert ax.get_title() == f"p{j} · {CLASSES[j // 2]}"
         # top weights: own class +1, then -0.5 (the initial last layer)
-        assert ax.get_xaxis().get_label().get_text().startswith(f"w {CLASSES[j // 2]} +1.00, ")
+        assert ax.get_xaxis().get_label().get_text().startswith(f"w {CLASSES[j // 2]} +1.00\nw ")
     assert "6 prototype patches" in _suptitle(fig)
     plt.close(fig)
 
@@ -248,7 +250,7 @@ def test_tree_figure_draws_every_kept_node(tree):
     dist = tree.leaf_distributions()[0]
     assert f"leaf 0\n{CLASSES[int(dist.argmax())]} {float(dist.max()):.2f}" in texts
     plt.close(fig)
-    pruned = create_model("prototree_test_resnet", num_classes=3, depth=3)
+    pruned = create_model("prototree_test_resnet", num_classes=3, depth=3, stage=2)
     pruned.load_state_dict(tree.state_dict())
     pruned.forced_route[1] = 1  # node 1 always goes right: node 1 and its left subtree (node 3) leave the tree
     fig = viz.tree_figure(pruned)
