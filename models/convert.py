@@ -314,11 +314,18 @@ def _check_classes(num_classes: int | None, found: int, source: Path) -> None:
         raise CheckpointError(f"{source} has {found} classes, but --num_classes {num_classes} was given")
 
 
+def _build(cls: type, source: Path, **kwargs: Any) -> Any:
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # e.g. an unknown --backbone, or arguments the zoo model rejects
+        raise CheckpointError(f"{source}: cannot build the zoo {cls.__name__}: {exc}") from None
+
+
 def _finish(model: nn.Module, state: dict[str, Tensor], source: Path) -> nn.Module:
     own = model.state_dict()
-    shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
-    if shapes:
-        raise CheckpointError(f"{source}: converted tensors do not fit {type(model).__name__}: {shapes[:3]}")
+    wrong = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if wrong:
+        raise CheckpointError(f"{source}: converted tensors do not fit the zoo {type(model).__name__}: {wrong[:3]}")
     model.load_state_dict({**own, **state})
     return model.eval()
 
@@ -367,9 +374,9 @@ def convert_protopnet(official: Any, backbone: str | None = None, num_classes: i
     features = net.features
     backbone = backbone or _infer_backbone(features, source)
     convs = [m for m in _layers(net.add_on_layers) if m.kind == "Conv2d"]
-    model = ProtoPNet(num_classes=k, backbone=backbone, prototypes_per_class=per_class,
-                      prototype_dim=protos.shape[1], add_on="regular" if len(convs) == 2 else "bottleneck",
-                      similarity=activation)
+    model = _build(ProtoPNet, source, num_classes=k, backbone=backbone, prototypes_per_class=per_class,
+                   prototype_dim=protos.shape[1], add_on="regular" if len(convs) == 2 else "bottleneck",
+                   similarity=activation)
     own = model.state_dict()
     kinds = [m.kind for m in _layers(net.add_on_layers)]
     zoo_kinds = [type(m).__name__ for m in model.add_on]
@@ -452,9 +459,9 @@ def convert_prototree(official: Any, backbone: str | None = None, num_classes: i
 
     features = tree._net
     backbone = backbone or _infer_backbone(features, source)
-    model = ProtoTree(num_classes=k, depth=depth, num_features=protos.shape[1], backbone=backbone,
-                      log_probabilities=bool(tree.__dict__.get("_log_probabilities", False)),
-                      derivative_free=not first_leaf._dist_params.requires_grad)
+    model = _build(ProtoTree, source, num_classes=k, depth=depth, num_features=protos.shape[1], backbone=backbone,
+                   log_probabilities=bool(tree.__dict__.get("_log_probabilities", False)),
+                   derivative_free=not first_leaf._dist_params.requires_grad)
     state = _map_trunk(official_state_dict(features), model.state_dict(), "backbone.body.", backbone, source)
     state.update({"add_on.weight": add_on[0].weight.detach().float(), "prototypes": vectors, "leaves": leaves,
                   "forced_route": forced, "node_prototype": torch.arange(num_internal)})

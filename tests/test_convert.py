@@ -164,6 +164,16 @@ def test_protopnet_legacy_file_and_dataparallel(variant, ppnet_file, tmp_path):
         assert torch.allclose(zoo(x), net(zoo.normalize(x))[0], atol=1e-5)
 
 
+def test_torchvision_backbone_names(ppnet_file, tmp_path):
+    """--backbone torchvision/<name>: the trunk is then a torchvision Sequential with index names."""
+    net, path = ppnet_file
+    zoo = convert_checkpoint(path, "protopnet", tmp_path / "zoo.pt", backbone="torchvision/resnet18")
+    assert "backbone.body.4.0.conv1.weight" in zoo.state_dict()  # layer1.0.conv1 of the official file
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(zoo(x), net(zoo.normalize(x))[0], atol=1e-5)
+
+
 def test_pruned_protopnet_keeps_logits(tmp_path):
     """prune.py removes prototypes; the zoo masks the emptied class slots instead."""
     with official_code() as imp:
