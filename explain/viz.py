@@ -266,7 +266,7 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     n = max(len(records), 1)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
-    fig, axes = _panels(rows, cols * per, 1.4, 1.75)
+    fig, axes = _panels(rows, cols * per, 1.4, 2.1 if top_weights > 0 and records and records[0]["weights"] is not None else 1.6)
     for ax in axes.flat:
         ax.axis("off")
     for k, r in enumerate(records):
@@ -508,11 +508,11 @@ def tree_figure(model, class_names: Sequence[str] | None = None) -> Figure:
             ax.add_patch(Rectangle((x - 0.45 + c * width, y - 0.3), width * 0.9, 0.7 * p, color="0.3", zorder=2))
         ax.add_patch(Rectangle((x - 0.45, y - 0.3), 0.9, 0.7, fill=False, edgecolor="0.6", zorder=2))
         top = int(dist.argmax())
-        ax.text(x, y - 0.38, f"leaf {node - s.num_internal}\n{_class_name(top, class_names)} {float(dist[top]):.2f}",
+        ax.text(x, y - 0.38, f"leaf {node - s.num_internal}\n{_class_name(top, class_names)}\n{float(dist[top]):.2f}",
                 fontsize=6, ha="center", va="top")
     xs = [x for x, _ in pos.values()]
     ax.set_xlim(min(xs) - 0.6, max(xs) + 0.6)
-    ax.set_ylim(-1.6 * depth - 1.0, 0.9)
+    ax.set_ylim(-1.6 * depth - 1.2, 0.9)
     ax.set_aspect("equal")
     ax.axis("off")
     return _finish(fig, f"ProtoTree: {len(s.internal)} decision nodes, {len(s.leaves)} leaves")

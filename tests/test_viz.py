@@ -248,7 +248,7 @@ def test_tree_figure_draws_every_kept_node(tree):
     assert sum(t.startswith("leaf ") for t in texts) == len(s.leaves) == 8
     assert texts.count("absent") == texts.count("present") == len(s.internal)
     dist = tree.leaf_distributions()[0]
-    assert f"leaf 0\n{CLASSES[int(dist.argmax())]} {float(dist.max()):.2f}" in texts
+    assert f"leaf 0\n{CLASSES[int(dist.argmax())]}\n{float(dist.max()):.2f}" in texts
     plt.close(fig)
     pruned = create_model("prototree_test_resnet", num_classes=3, depth=3, stage=2)
     pruned.load_state_dict(tree.state_dict())
@@ -369,3 +369,46 @@ def test_log_figure_sends_images_to_loggers_or_writes_png(tmp_path):
     written = viz.log_figure(figure(), "push/prototypes", [MetricsOnly()], tmp_path)
     assert written == [tmp_path / "push_prototypes.png"] and written[0].stat().st_size > 0
     assert viz.save_figure(figure(), tmp_path / "a" / "f.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_push_callback_sends_the_gallery_to_an_image_logger_and_writes_the_png(tmp_path, data):
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+
+    from train.prototypes import PrototypePush
+
+    class ImageLogger(Logger):  # stands in for WandbLogger: any logger with log_image gets the figure
+        name, version = "images", 0
+
+        def __init__(self):
+            super().__init__()
+            self.images = []
+
+        def log_metrics(self, metrics, step=None):
+            pass
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_image(self, key, images, step=None):
+            self.images.append((key, images[0]))
+
+    class Data(pl.LightningDataModule):
+        num_classes, class_names = 3, CLASSES
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(data, batch_size=6)
+
+        val_dataloader = push_dataloader = train_dataloader
+
+    torch.manual_seed(0)
+    # Lightning epoch 0 trains jointly; the push runs at the start of epoch 1.
+    model = create_model("protopnet_test_resnet", num_classes=3, stage=2, num_warm_epochs=0, push_start=0,
+                         push_every=1, last_layer_epochs=1, num_train_epochs=1)
+    logger, push = ImageLogger(), PrototypePush()
+    trainer = pl.Trainer(max_epochs=2, logger=logger, callbacks=[push], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, Data())
+    (key, image), = logger.images
+    assert key == "push/prototypes" and image.dtype == np.uint8 and image.shape[2] == 3 and image.std() > 0
+    assert push.saved == [tmp_path / "figures" / "prototypes_epoch0.png"] and push.saved[0].stat().st_size > 0
