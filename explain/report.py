@@ -28,7 +28,7 @@ from torch import nn
 
 from explain import viz
 from explain.compare import _default_name, _run_config, load_model, load_synthetic
-from models.pretrained import FORMAT, load_pretrained
+from models.pretrained import FORMAT, load_pretrained, _read as read_checkpoint
 
 __all__ = ["load_checkpoint", "recorded_accuracy", "model_figures", "write_report", "main"]
 
@@ -51,19 +51,10 @@ figcaption { font-size: 0.9em; color: #555; } .note { color: #a40; }
 
 
 # ----------------------------------------------------------------------------------------- loading
-def _read(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - one clear line for any unreadable file
-        raise ValueError(f"cannot read checkpoint {path}: {str(exc).strip().splitlines()[0][:200]}") from None
-
-
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """(model in eval mode on the CPU, the raw checkpoint dict) from a zoo file or a Lightning checkpoint."""
     path = Path(path)
-    payload = _read(path)
+    payload = read_checkpoint(path)  # weights only; a missing or unreadable file is one CheckpointError line
     if payload.get("format") == FORMAT or payload.get("zoo_class_path"):
         return load_pretrained(path), payload
     return load_model(path), payload

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from explain.report import main
-from models import create_model, save_zoo_checkpoint
+from models import CheckpointError, create_model, save_zoo_checkpoint
 from train.data import SyntheticParts
 
 SYNTH = dict(num_classes=3, image_size=32, seed=0)
@@ -115,11 +115,11 @@ def test_without_data_the_prototypes_and_tree_come_from_the_checkpoints_alone(ch
 
 
 def test_bad_checkpoints_fail_with_one_clear_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
         main([str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         main([str(junk), "--out", str(tmp_path)])
 
 
