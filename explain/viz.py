@@ -16,8 +16,9 @@ import io
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import matplotlib
 
@@ -32,7 +33,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from models.prototypes import fetch_images, high_activation_boxes, similarity  # noqa: E402
 
 __all__ = [
-    "HEATMAP_CMAP", "ACTIVATION_COLOR", "RF_COLOR", "to_numpy_image", "overlay_heatmap", "heatmap_figure",
+    "HEATMAP_CMAP", "ACTIVATION_COLOR", "RF_COLOR", "WRONG_COLOR", "to_numpy_image", "overlay_heatmap", "heatmap_figure",
     "explanation_grid", "save_figure", "figure_to_array", "log_figure",
     "prototype_gallery", "this_looks_like_that", "global_analysis",
     "tree_dot", "render_tree", "tree_figure", "tree_path_figure",
@@ -66,7 +67,10 @@ def to_numpy_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def _normalise_heatmap(heatmap: torch.Tensor | np.ndarray) -> np.ndarray:
     hm = heatmap.detach().float().cpu().numpy() if isinstance(heatmap, torch.Tensor) else np.asarray(heatmap, float)
-    hm = np.nan_to_num(hm, nan=np.nanmin(hm) if np.isfinite(hm).any() else 0.0)
+    finite = np.isfinite(hm)
+    if not finite.any():
+        return np.zeros_like(hm)
+    hm = np.where(finite, hm, hm[finite].min())  # NaN / inf pixels are drawn as no evidence
     lo, hi = hm.min(), hm.max()
     # A map constant up to float rounding (e.g. a 1x1 latent map upsampled) is drawn as constant, not as
     # its amplified rounding noise.
@@ -122,15 +126,21 @@ def _show(ax, image, title: str | None = None, color: str = "black") -> None:
         ax.set_title(title, fontsize=PANEL_SIZE, color=color)
 
 
+@contextmanager
+def _evaluating(model) -> Iterator[Any]:
+    """Eval mode while drawing (BatchNorm statistics must not move), then the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _finish(fig: Figure, title: str) -> Figure:
     fig.suptitle(title, fontsize=TITLE_SIZE)
     fig.tight_layout()
     return fig
-
-
-def _blank_unused(axes: np.ndarray, used: int) -> None:
-    for ax in list(axes.flat)[used:]:
-        ax.axis("off")
 
 
 def heatmap_figure(image: torch.Tensor, heatmap: torch.Tensor, box=None, title: str = "Heatmap overlay") -> Figure:
@@ -266,7 +276,8 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     n = max(len(records), 1)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
-    fig, axes = _panels(rows, cols * per, 1.4, 2.1 if top_weights > 0 and records and records[0]["weights"] is not None else 1.6)
+    weights_shown = top_weights > 0 and bool(records) and records[0]["weights"] is not None
+    fig, axes = _panels(rows, cols * per, 1.4, 2.1 if weights_shown else 1.6)
     for ax in axes.flat:
         ax.axis("off")
     for k, r in enumerate(records):
@@ -275,7 +286,7 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
         ax.axis("on")
         caption = r["label"] + (f" · {_class_name(r['class'], class_names)}" if r["class"] is not None else "")
         _show(ax, r["patch"], caption if r["source"] >= 0 else caption + " (not pushed)")
-        if r["weights"] is not None and top_weights > 0:
+        if weights_shown:
             top = r["weights"].topk(min(top_weights, len(r["weights"])))
             ax.set_xlabel("\n".join(f"w {_class_name(c, class_names)} {v:+.2f}" for v, c in
                                      zip(top.values.tolist(), top.indices.tolist())), fontsize=6)
@@ -289,10 +300,6 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     return _finish(fig, f"{type(model).__name__}: {len(records)} {what}")
 
 
-def _pick(image: torch.Tensor, index: int) -> torch.Tensor:
-    return image[index] if image.dim() == 4 else image
-
-
 def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: int = 0, top_k: int = 5,
                          class_names: Sequence[str] | None = None, source=None) -> Figure:
     """ProtoPNet's local analysis of one image: its top-k prototypes, then the class scores.
@@ -302,9 +309,10 @@ def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: i
     = contribution to the explained class. The last row sums similarity x weight per class over all
     prototypes (the logits) and over the k shown.
     """
-    image = _pick(images, index)
+    image = images[index] if images.dim() == 4 else images
     if explanation is None:
-        explanation = model.explain(image[None].to(model.device), top_k=top_k)
+        with _evaluating(model):
+            explanation = model.explain(image[None].to(model.device), top_k=top_k)
         index = 0
     ev = explanation.evidence
     if "prototype_ids" not in ev:
@@ -372,13 +380,14 @@ def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] |
         raise TypeError(f"global_analysis needs a ProtoPNet, got {type(model).__name__}")
     ids = list(prototypes) if prototypes is not None else model.prototype_mask.nonzero().squeeze(1)[:8].tolist()
     splits = [(names[0], _as_loader(loader))] + ([(names[1], _as_loader(test_loader))] if test_loader is not None else [])
-    columns = []  # per split: (name, images (P, k, 3, H, W) or None, boxes, labels, distances)
+    columns = []  # per split: name, found (P, k), the found neighbours' images and boxes, labels, distances, indices
     for name, ldr in splits:
         near = model.nearest_patches(ldr, k=k)
         sel = near.sample_index[ids].cpu()
         found = sel >= 0
         images = _source_images(ldr, sel[found].tolist())
-        maps = model.distances(images.to(model.device))
+        with _evaluating(model):
+            maps = model.distances(images.to(model.device))
         rows = torch.arange(len(ids))[:, None].expand_as(sel)[found]
         proto = torch.as_tensor(ids)[rows]
         sim = similarity(maps[torch.arange(len(images)), proto.to(maps.device)], model.similarity_kind)
@@ -612,10 +621,8 @@ def icnn_filter_gallery(model, images: torch.Tensor, filters: Sequence[int] | No
     """`filter_part_gallery` of an InterpretableCNN's last interpretable layer (masked maps), each row
     labelled with the filter's category. Default filters: per class, the filter of that category with the
     highest mean peak activation over `images` (at most `max_filters` rows)."""
-    was_training = model.training
-    model.eval()
-    _, maps = model.layer_maps(images.to(model.device))
-    model.train(was_training)
+    with _evaluating(model):
+        _, maps = model.layer_maps(images.to(model.device))
     acts = maps[-1].masked.cpu()
     categories = model.filter_categories().cpu()
     if filters is None:
@@ -633,22 +640,19 @@ def cam_grid(model, images: torch.Tensor, top: int = 3, class_names: Sequence[st
              labels: Sequence[int] | torch.Tensor | None = None) -> Figure:
     """One row per image: the image, then the model's own explanation (a CAM for CAMNet) of each of its
     `top` most probable classes, titled with the class and its probability."""
-    was_training = model.training
-    model.eval()
     images = images.to(model.device)
-    with torch.no_grad():
-        probs = model(images).softmax(dim=1)
-    top = min(top, probs.shape[1])
-    ranked = probs.topk(top, dim=1)
+    with _evaluating(model):
+        with torch.no_grad():
+            probs = model(images).softmax(dim=1)
+        top = min(top, probs.shape[1])
+        ranked = probs.topk(top, dim=1)
+        maps = [model.explain(images, target=ranked.indices[:, rank]).heatmap for rank in range(top)]
     fig, axes = _panels(len(images), top + 1, 1.9, 2.0)
-    for rank in range(top):
-        explanation = model.explain(images, target=ranked.indices[:, rank])
-        for i in range(len(images)):
-            c, p = int(ranked.indices[i, rank]), float(ranked.values[i, rank])
-            _show(axes[i, rank + 1], overlay_heatmap(images[i], explanation.heatmap[i]), f"{_class_name(c, class_names)} p={p:.2f}")
     for i in range(len(images)):
         _show(axes[i, 0], images[i], f"true {_class_name(labels[i], class_names)}" if labels is not None else "image")
-    model.train(was_training)
+        for rank in range(top):
+            c, p = int(ranked.indices[i, rank]), float(ranked.values[i, rank])
+            _show(axes[i, rank + 1], overlay_heatmap(images[i], maps[rank][i]), f"{_class_name(c, class_names)} p={p:.2f}")
     return _finish(fig, f"{type(model).__name__}: explanations of the top {top} classes")
 
 

@@ -331,6 +331,22 @@ def test_cam_grid_shows_the_top_classes_with_their_probabilities(data):
     plt.close(fig)
 
 
+def test_drawing_leaves_a_training_model_untouched(protopnet, data, loader):
+    """Figures run the model in eval mode: BatchNorm statistics do not move, the mode is restored."""
+    torch.manual_seed(0)
+    cam = create_model("cam_test_resnet", num_classes=3).train()
+    model = create_model("protopnet_test_resnet", num_classes=3, stage=2)
+    model.load_state_dict(protopnet.state_dict())
+    model.train()
+    for m, draw in ((cam, lambda: viz.cam_grid(cam, data.images[:2], top=2)),
+                    (model, lambda: viz.global_analysis(model, loader, prototypes=[0], k=2)),
+                    (model, lambda: viz.this_looks_like_that(model, data.images[:1], top_k=2))):
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        plt.close(draw())
+        assert m.training
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
 def test_method_grid_columns_are_methods():
     images = torch.rand(3, 3, 16, 16)
     maps = {"gradcam": torch.rand(3, 16, 16), "rise": torch.rand(3, 16, 16)}
