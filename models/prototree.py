@@ -225,6 +225,10 @@ class ProtoTree(InterpretableClassifier):
         self.prototypes = nn.Parameter(torch.randn(self.num_internal, num_features) * 0.1 + 0.5)  # N(0.5, 0.1)
         if derivative_free:  # raw class counts, softmax-ed; changed only by `leaf_update`
             self.register_buffer("leaves", torch.zeros(self.num_leaves, num_classes))
+            # The counts at the start of the epoch `leaves_epoch` (buffers, so a run resumed mid-epoch
+            # keeps subtracting the same counts).
+            self.register_buffer("leaves_epoch_start", torch.zeros(self.num_leaves, num_classes))
+            self.register_buffer("leaves_epoch", torch.tensor(-1))
         else:
             self.leaves = nn.Parameter(torch.randn(self.num_leaves, num_classes))
         self.register_buffer("node_prototype", torch.arange(self.num_internal))
@@ -234,7 +238,6 @@ class ProtoTree(InterpretableClassifier):
         self.register_buffer("prototype_position", torch.zeros(self.num_internal, 2, dtype=torch.long))
         self.register_buffer("prototype_box", torch.zeros(self.num_internal, 4, dtype=torch.long))
         self.register_buffer("prototype_patch", torch.zeros(self.num_internal, 3, patch_pixels, patch_pixels, dtype=torch.uint8))
-        self._epoch_start_leaves: Tensor | None = None
         self._pending_update: tuple[Tensor, Tensor, Tensor] | None = None
         self._last_output: TreeOutput | None = None
 
@@ -383,15 +386,16 @@ class ProtoTree(InterpretableClassifier):
         """Apply the derivative-free update of one batch to the leaf counts (see `leaf_update`)."""
         if not self.derivative_free:
             raise RuntimeError("update_leaves is for derivative_free=True; gradient-trained leaves use the optimiser")
-        start = self._epoch_start_leaves if self._epoch_start_leaves is not None else torch.zeros_like(self.leaves)
-        self.leaves.copy_(leaf_update(self.leaves, start, num_batches, path, y, labels, self.log_probabilities))
+        self.leaves.copy_(leaf_update(self.leaves, self.leaves_epoch_start, num_batches, path, y, labels,
+                                      self.log_probabilities))
 
     def on_train_epoch_start(self) -> None:
         frozen = self.current_epoch < self.hparams.freeze_epochs
         for param in self.parameter_groups()["backbone"]:
             param.requires_grad_(not frozen)
-        if self.derivative_free:
-            self._epoch_start_leaves = self.leaves.detach().clone()
+        if self.derivative_free and int(self.leaves_epoch) != self.current_epoch:
+            self.leaves_epoch_start.copy_(self.leaves)
+            self.leaves_epoch.fill_(self.current_epoch)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Runs after the optimiser step, with pi and y_hat of the pre-step forward, as in the official loop.
