@@ -19,7 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, DistributedSampler
 
-from explain.viz import prototype_gallery, save_figure
+from explain.viz import log_figure, prototype_gallery, save_figure
 
 __all__ = ["PrototypePush", "PrunePrototypes", "push_loader"]
 
@@ -64,6 +64,8 @@ class PrototypePush(pl.Callback):
         if self.figures and trainer.is_global_zero:
             names = getattr(trainer.datamodule, "class_names", None)
             fig = prototype_gallery(pl_module, self.max_prototypes, class_names=names)
+            # Loggers that take images (wandb) get the gallery too; the PNG next to the checkpoints is always written.
+            log_figure(fig, "push/prototypes", trainer.loggers, step=trainer.global_step, close=False)
             path = Path(trainer.default_root_dir) / self.dirname / f"prototypes_epoch{plan.epoch}.png"
             self.saved.append(save_figure(fig, path))
 
