@@ -112,8 +112,10 @@ class StreamingQuantile:
     is read like `torch.quantile` (linear between the order statistics of rank floor(r) and ceil(r),
     r = q (n - 1)): the true value lies in the span from the first of their bins to the last, and so
     does the estimate, so the error is at most that span, reported per unit as `error_bound`. It is one
-    bin, width / bins, when both order statistics share a bin; and width < 4 (max - min) (a doubling
-    only happens while more than half of the new range lies between the extremes seen).
+    bin, width / bins, when both order statistics share a bin (two when they straddle an edge); and
+    width < 4 (max - min), since a doubling only happens while more than a quarter of the new range
+    lies between the extremes seen (apart from the floor of 1e-6 max(|x|, 1) given to a unit whose
+    first batch is constant, such as a dead ReLU).
     """
 
     def __init__(self, num_units: int, bins: int = 2048, device: Any = None) -> None:
@@ -547,6 +549,22 @@ def _data(args: argparse.Namespace, spec: str, model: nn.Module) -> tuple[Iterab
     return loaders[args.split](), ConceptSet.from_parts(dm.part_names)
 
 
+def _report_name(spec: str, taken: set[str]) -> str:
+    """Folder name of a model's report: the registry / pretrained name, or for a file its stem, prefixed
+    by the run name for train.py's runs/<name>/<time>/checkpoints/<file>; made unique with a suffix."""
+    path = Path(spec)
+    if path.suffix not in (".ckpt", ".pt", ".pth"):
+        name = spec.replace(":", "_").replace("/", "_")
+    elif path.parent.name == "checkpoints" and len(path.parents) > 3:
+        name = f"{path.parents[2].name}_{path.stem}"
+    else:
+        name = path.stem
+    unique, i = name, 1
+    while unique in taken:
+        unique, i = f"{name}_{i}", i + 1
+    return unique
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m explain.dissect", description="Network Dissection reports of model layers.")
     p.add_argument("--model", nargs="+", required=True,
@@ -592,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         loader, concepts = _data(args, spec, model)
         d = dissect(model, args.layer or default_layer(model), loader, concepts, top_fraction=args.top_fraction,
                     iou_threshold=args.iou_threshold, bins=args.bins, top_k=args.top_k, device=device)
-        name = Path(spec).stem if Path(spec).suffix in (".ckpt", ".pt", ".pth") else spec.replace(":", "_").replace("/", "_")
+        name = _report_name(spec, {row["model"] for row in rows})
         html_path = write_report(d, Path(args.out) / name, title=f"{name}: {d.layer}", max_units=args.max_units)
         s = d.summary()
         rows.append({"model": name, "layer": s["layer"], "units": s["units"], "detectors": s["detectors"],

@@ -306,8 +306,8 @@ def test_command_line_reads_the_data_recipe_next_to_a_checkpoint(tmp_path):
         "    num_classes: 3\n    image_size: 32\n    train_size: 4\n    val_size: 4\n    test_size: 5\n"
     )
     rows = main(["--model", str(ckpt), "--out", str(tmp_path / "out"), "--top-k", "1", "--device", "cpu"])
-    assert rows[0]["model"] == "best" and rows[0]["layer"] == "backbone"
-    assert "5 images;" in (tmp_path / "out" / "best" / "report.html").read_text()
+    assert rows[0]["model"] == "cam_best" and rows[0]["layer"] == "backbone"
+    assert "5 images;" in (tmp_path / "out" / "cam_best" / "report.html").read_text()
 
 
 def test_default_layer():
