@@ -1,6 +1,7 @@
 """Figures of every family from tiny models: panel counts, titles, drawn boxes and pixels checked against
 the models' own tensors (and brute force where the figure computes something)."""
 import re
+from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -10,6 +11,7 @@ from matplotlib.patches import Rectangle
 
 from explain import viz
 from models import create_model
+from train.data import SyntheticParts
 
 CLASSES = ["ant", "bee", "cat"]
 
@@ -24,27 +26,18 @@ def _one_thread():
     plt.close("all")
 
 
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n=12, k=3, size=32, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.rand(n, 3, size, size, generator=g)
-        self.labels = torch.arange(n) % k
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
-
-
 @pytest.fixture(scope="module")
 def data():
-    return _Data()
+    """12 SyntheticParts images (label i % 3) as a dataset of dict items, and the same as stacked tensors."""
+    dataset = SyntheticParts(num_classes=3, image_size=32, train_size=12, val_size=3, test_size=3, augment=False).push_dataset
+    items = [dataset[i] for i in range(len(dataset))]
+    return SimpleNamespace(dataset=dataset, images=torch.stack([it["image"] for it in items]),
+                           labels=torch.stack([it["label"] for it in items]))
 
 
 @pytest.fixture(scope="module")
 def loader(data):
-    return torch.utils.data.DataLoader(data, batch_size=5)
+    return torch.utils.data.DataLoader(data.dataset, batch_size=5)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +149,7 @@ def test_prototype_gallery_with_source_images_and_pruning(protopnet, data, loade
     model = create_model("protopnet_test_resnet", num_classes=3, stage=2)
     model.load_state_dict(protopnet.state_dict())
     model.prototype_mask[1] = False
-    for source in (data.images, data, loader):  # a tensor, a dataset, a loader
+    for source in (data.images, data.dataset, loader):  # a tensor, a dataset, a loader
         fig = viz.prototype_gallery(model, source=source, columns=3)
         tiles = _image_axes(fig)
         assert len(tiles) == 2 * 5  # patch + source per unpruned prototype
@@ -185,7 +178,7 @@ def test_prototype_gallery_marks_unpushed_prototypes_and_draws_tree_prototypes(t
 
 def test_this_looks_like_that_rows_contributions_and_class_sums(protopnet, data):
     k = 3
-    fig = viz.this_looks_like_that(protopnet, data.images[:2], index=1, top_k=k, class_names=CLASSES, source=data)
+    fig = viz.this_looks_like_that(protopnet, data.images[:2], index=1, top_k=k, class_names=CLASSES, source=data.dataset)
     explanation = protopnet.explain(data.images[1:2], top_k=k)
     ev = explanation.evidence
     assert len(_image_axes(fig)) == 4 * k  # test image, similarity map, prototype patch, source image
@@ -413,7 +406,7 @@ def test_push_callback_sends_the_gallery_to_an_image_logger_and_writes_the_png(t
         num_classes, class_names = 3, CLASSES
 
         def train_dataloader(self):
-            return torch.utils.data.DataLoader(data, batch_size=6)
+            return torch.utils.data.DataLoader(data.dataset, batch_size=6)
 
         val_dataloader = push_dataloader = train_dataloader
 
