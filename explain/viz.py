@@ -126,6 +126,11 @@ def _show(ax, image, title: str | None = None, color: str = "black") -> None:
         ax.set_title(title, fontsize=PANEL_SIZE, color=color)
 
 
+def _require(model, attribute: str, family: str, figure: str) -> None:
+    if not hasattr(model, attribute):
+        raise TypeError(f"{figure} needs {family}, got {type(model).__name__}")
+
+
 @contextmanager
 def _evaluating(model) -> Iterator[Any]:
     """Eval mode while drawing (BatchNorm statistics must not move), then the previous mode."""
@@ -376,8 +381,7 @@ def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] |
     Loaders give dict batches with "image", "label", "index"; a dict of tensors works too. `names`
     label the two sets in titles.
     """
-    if not hasattr(model, "nearest_patches"):
-        raise TypeError(f"global_analysis needs a ProtoPNet, got {type(model).__name__}")
+    _require(model, "nearest_patches", "a ProtoPNet", "global_analysis")
     ids = list(prototypes) if prototypes is not None else model.prototype_mask.nonzero().squeeze(1)[:8].tolist()
     splits = [(names[0], _as_loader(loader))] + ([(names[1], _as_loader(test_loader))] if test_loader is not None else [])
     columns = []  # per split: name, found (P, k), the found neighbours' images and boxes, labels, distances, indices
@@ -480,6 +484,7 @@ def render_tree(model, path: str | Path, class_names: Sequence[str] | None = Non
 def tree_figure(model, class_names: Sequence[str] | None = None) -> Figure:
     """The whole (pruned) ProtoTree with matplotlib alone: each decision node's prototype patch, each
     leaf's class distribution (grey bars) and argmax class; dashed edges = absent (left), solid = present."""
+    _require(model, "node_prototype", "a ProtoTree", "tree_figure")
     s = model.structure()
     dists = model.leaf_distributions().detach().float().cpu()
     pos: dict[int, tuple[float, float]] = {}
@@ -535,6 +540,9 @@ def tree_path_figure(model, image: torch.Tensor, explanation, index: int = 0,
     best-matching patch and "Present, similarity s", or the plain image and "Absent". The last column
     shows the path's heatmap and the leaf distribution with the predicted class.
     """
+    _require(model, "node_prototype", "a ProtoTree", "tree_path_figure")
+    if "path" not in explanation.evidence:
+        raise ValueError("tree_path_figure needs a ProtoTree explanation (evidence without 'path')")
     steps = explanation.evidence["path"][index]
     n = len(steps) + 1
     fig, axes = _panels(2, n, 2.0, 2.2)
@@ -621,6 +629,7 @@ def icnn_filter_gallery(model, images: torch.Tensor, filters: Sequence[int] | No
     """`filter_part_gallery` of an InterpretableCNN's last interpretable layer (masked maps), each row
     labelled with the filter's category. Default filters: per class, the filter of that category with the
     highest mean peak activation over `images` (at most `max_filters` rows)."""
+    _require(model, "filter_categories", "an InterpretableCNN", "icnn_filter_gallery")
     with _evaluating(model):
         _, maps = model.layer_maps(images.to(model.device))
     acts = maps[-1].masked.cpu()

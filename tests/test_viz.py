@@ -421,3 +421,16 @@ def test_push_callback_sends_the_gallery_to_an_image_logger_and_writes_the_png(t
     (key, image), = logger.images
     assert key == "push/prototypes" and image.dtype == np.uint8 and image.shape[2] == 3 and image.std() > 0
     assert push.saved == [tmp_path / "figures" / "prototypes_epoch0.png"] and push.saved[0].stat().st_size > 0
+
+
+def test_figures_of_another_family_fail_with_one_clear_line(protopnet, tree, data):
+    cam = create_model("cam_test_resnet", num_classes=3).eval()
+    x = data.images[:2]
+    with pytest.raises(TypeError, match="global_analysis needs a ProtoPNet, got CAMNet"):
+        viz.global_analysis(cam, {"image": x})
+    with pytest.raises(TypeError, match="tree_figure needs a ProtoTree, got ProtoPNet"):
+        viz.tree_figure(protopnet)
+    with pytest.raises(ValueError, match="needs a ProtoTree explanation"):
+        viz.tree_path_figure(tree, x[0], cam.explain(x))
+    with pytest.raises(TypeError, match="icnn_filter_gallery needs an InterpretableCNN, got CAMNet"):
+        viz.icnn_filter_gallery(cam, x)
