@@ -243,20 +243,27 @@ class _ExplainInTest(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self.maps.append(attribute(self.net, batch[0], batch[1], method="gradcam", layer=LAYER))
 
+    def predict_step(self, batch, batch_idx):
+        return attribute(self.net, batch[0], batch[1], method="gradcam", layer=LAYER)
 
+
+@pytest.mark.parametrize("stage", ["test", "predict"])
 @pytest.mark.parametrize("inference_mode", [False, True])
-def test_inside_lightning_test(model, images, inference_mode):
+def test_inside_lightning_test_and_predict(model, images, inference_mode, stage):
     module = _ExplainInTest(model)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, inference_mode=inference_mode)
     loader = DataLoader(TensorDataset(images, torch.tensor([0, 1, 2])), batch_size=3)
+    run = (lambda: trainer.test(module, dataloaders=loader, verbose=False)) if stage == "test" else (
+        lambda: trainer.predict(module, dataloaders=loader))
     if inference_mode:
         with pytest.raises(InferenceModeError):
-            trainer.test(module, dataloaders=loader, verbose=False)
+            run()
     else:
-        trainer.test(module, dataloaders=loader, verbose=False)
+        out = run()
+        maps = module.maps[0] if stage == "test" else out[0]
         expected = attribute(model, images, torch.tensor([0, 1, 2]), method="gradcam", layer=LAYER)
-        torch.testing.assert_close(module.maps[0], expected)
+        torch.testing.assert_close(maps, expected)
 
 
 FAST = {"rise": {"n_masks": 16}, "lime": {"n_samples": 16, "cells": 4}, "kernel_shap": {"n_samples": 16, "cells": 4},
