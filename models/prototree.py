@@ -338,20 +338,17 @@ class ProtoTree(InterpretableClassifier):
         return (2**levels - 1)[None] + (leaf[:, None] >> (self.depth - levels)[None])
 
     def route(self, out: TreeOutput, mode: Mode) -> tuple[Tensor, Tensor, Tensor]:
-        """(log-probabilities (B, K), leaf index (B,), path length (B,)) of a routing mode.
+        """(log-probabilities (B, K), leaf index (B,), path length (B,)) of a deterministic routing.
 
         Path length counts the decision nodes on the way (forced nodes of a pruned tree are not decisions).
         """
-        if mode == "distributed":
-            leaf = out.path.argmax(dim=1)
-            return out.logits, leaf, torch.full_like(leaf, -1)
         if mode == "sample_max":
             leaf = out.path.argmax(dim=1)
             nodes = self.leaf_nodes_path(leaf)
         elif mode == "greedy":
             nodes, _, leaf = greedy_route(torch.exp(-out.min_distances), self.forced_route, self.depth)
         else:
-            raise ValueError(f"unknown routing mode {mode!r}; use 'distributed', 'sample_max' or 'greedy'")
+            raise ValueError(f"unknown routing mode {mode!r}; use 'sample_max' or 'greedy' (or forward for 'distributed')")
         return self.leaf_log_distributions()[leaf], leaf, self._decision_counts(nodes)
 
     @torch.no_grad()
@@ -625,16 +622,10 @@ def cell_boxes(latent_hw: tuple[int, int], image_hw: tuple[int, int], upsample_t
     """
     h, w = latent_hw
     up = upsample_maps(torch.eye(h * w).view(h * w, h, w), tuple(image_hw))
-    rows = up.amax(dim=2) > 1 - upsample_threshold  # (N, H)
-    cols = up.amax(dim=1) > 1 - upsample_threshold  # (N, W)
-
-    def span(mask: Tensor) -> tuple[Tensor, Tensor]:
-        first = mask.float().argmax(dim=1)
-        last = mask.shape[1] - mask.flip(1).float().argmax(dim=1)
-        return first, last
-
-    y0, y1 = span(rows)
-    x0, x1 = span(cols)
+    rows = (up.amax(dim=2) > 1 - upsample_threshold).float()  # (N, H); argmax = first True
+    cols = (up.amax(dim=1) > 1 - upsample_threshold).float()  # (N, W)
+    y0, y1 = rows.argmax(dim=1), rows.shape[1] - rows.flip(1).argmax(dim=1)
+    x0, x1 = cols.argmax(dim=1), cols.shape[1] - cols.flip(1).argmax(dim=1)
     return torch.stack((x0, y0, x1, y1), dim=1)
 
 
@@ -660,12 +651,9 @@ class ProtoTreeEnsemble(nn.Module):
 
     def forward(self, images: Tensor, mode: Mode = "distributed") -> Tensor:
         """log of the mean of the trees' y_hat (B, K) under a routing mode."""
-        logs = []
-        for tree in self.trees:
-            out = tree.tree_forward(images)
-            logs.append(tree.route(out, mode)[0])
-        stacked = torch.stack(logs)
-        return torch.logsumexp(stacked, dim=0) - math.log(len(self.trees))
+        outs = [tree.tree_forward(images) for tree in self.trees]
+        logs = [out.logits if mode == "distributed" else tree.route(out, mode)[0] for tree, out in zip(self.trees, outs)]
+        return torch.logsumexp(torch.stack(logs), dim=0) - math.log(len(self.trees))
 
 
 # ---------------------------------------------------------------------- registered builders
