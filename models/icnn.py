@@ -28,6 +28,13 @@ Choices between the paper and the released code (section 1.9 of the spec):
 - Filter category: argmax_c of an EMA (momentum 0.9, as the code's `sliceMag`) of the per-class mean of
   mean_ij x (the paper's sum_ij x up to the constant n^2; the code uses the max). In ``mode="logistic"``
   (single category, label `positive_class` against negatives) every filter belongs to the positive class.
+- Training from scratch (our SyntheticParts runs; the paper fine-tunes ImageNet CNNs) needs three
+  guards, all switchable: the raw Eq. 4 loss is unbounded below in the activation scale (e^s / Z
+  favours ever larger peaks), so by default each filter's coefficients are divided by their batch
+  mean magnitude (`normalize_filter_gradient`, as the released code normalises its injected gradient);
+  `filter_loss_warmup` epochs without the loss let filters acquire class preferences first; and
+  `freeze_categories` stops the EMA from re-assigning filters once the loss is on (otherwise most
+  filters drifted onto one class in our runs).
 """
 from __future__ import annotations
 
@@ -158,6 +165,10 @@ class InterpretableLayer(nn.Module):
         momentum: of the running estimates (Z_T and the class-wise activation).
         beta_rate: per-step rate at which the released code's beta tracks clip(3 / sigma, 1.5, 3).
         single_category: every filter belongs to class 1 (logistic mode).
+        normalize_gradient: divide each filter's Eq. 4 coefficients by their batch mean magnitude
+            (detached), as the released code normalises its injected gradient per filter. Without it
+            the loss is unbounded in the activation scale: from scratch, activations grow and the
+            categories collapse onto one class (see the note in the module docstring).
 
     The output of `out` (an identity) is the masked map: hook it to read the layer (it fires in every
     forward); `forward` returns all of `LayerMaps`.
@@ -175,6 +186,7 @@ class InterpretableLayer(nn.Module):
         momentum: float = 0.9,
         beta_rate: float = 0.05,
         single_category: bool = False,
+        normalize_gradient: bool = True,
     ) -> None:
         super().__init__()
         if variant not in ("paper", "released_code"):
@@ -188,10 +200,12 @@ class InterpretableLayer(nn.Module):
         template_tau(1, 1, tau)  # validates
         self.variant, self.beta, self.tau, self.prior_alpha = variant, float(beta), tau, prior_alpha
         self.momentum, self.beta_rate, self.single_category = float(momentum), float(beta_rate), single_category
+        self.normalize_gradient = normalize_gradient
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else None
         self.out = nn.Identity()
         self.register_buffer("class_activation", torch.zeros(channels, num_classes))
         self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("fixed_categories", torch.full((channels,), -1, dtype=torch.long))  # -1: follow the EMA
         if variant == "released_code":
             self.register_buffer("channel_beta", torch.full((channels,), 2.0))  # the code's alphaInit
 
@@ -232,11 +246,19 @@ class InterpretableLayer(nn.Module):
 
     # ------------------------------------------------------------------ filter categories
     def filter_categories(self) -> Tensor:
-        """(C,) category of each filter: argmax of its class-wise activation EMA (1 in logistic mode)."""
+        """(C,) category of each filter: argmax of its class-wise activation EMA (class 0 before any
+        update; 1 in logistic mode), or the categories fixed by `freeze_categories`."""
+        if self.fixed_categories[0] >= 0:
+            return self.fixed_categories.clone()
         if self.single_category:
             return torch.ones(self.class_activation.shape[0], dtype=torch.long, device=self.class_activation.device)
         seen = self.class_activation.masked_fill(~self.class_seen[None, :], float("-inf"))
         return seen.argmax(dim=1)
+
+    @torch.no_grad()
+    def freeze_categories(self) -> None:
+        """Fix the current categories (the EMA keeps running but no longer moves them)."""
+        self.fixed_categories.copy_(self.filter_categories())
 
     @torch.no_grad()
     def update_statistics(self, maps: LayerMaps, labels: Tensor) -> None:
@@ -325,7 +347,12 @@ class InterpretableLayer(nn.Module):
             log_prior_hat = log_prior[index]
         template_hat = torch.where(positive[..., None, None], maps.mask, torch.full_like(maps.mask, -1.0))
         s_hat = tau * (x * template_hat).sum(dim=(2, 3))
-        return filter_loss_surrogate(s_hat, log_z_hat, log_px, log_prior_hat).sum(dim=1).mean()
+        per_image = filter_loss_surrogate(s_hat, log_z_hat, log_px, log_prior_hat)  # (B, C)
+        if self.normalize_gradient:
+            with torch.no_grad():  # |dL/ds| per (image, filter), Eq. 4 without t_ij
+                coef = torch.exp(log_prior_hat + s_hat - log_z_hat) * (s_hat - log_z_hat - log_px)
+            per_image = per_image / coef.abs().mean(dim=0).clamp(min=1e-12)
+        return per_image.sum(dim=1).mean()
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -347,6 +374,10 @@ class InterpretableCNN(InterpretableClassifier):
         filter_loss_warmup: epochs trained with lambda = 0 first (the filter loss is still logged and the
             categories are tracked). The paper fine-tunes a pretrained CNN, whose filters already prefer
             classes; from scratch, categories read off random filters lock in a skewed assignment.
+        normalize_filter_gradient: per-filter normalisation of the Eq. 4 coefficients (released code;
+            see `InterpretableLayer`).
+        freeze_categories: fix each filter's category when the filter loss switches on (after the
+            warm-up) instead of letting the EMA move it during training.
         head: ``"gap"`` (GAP + linear) or ``"fc"`` (max-pool, fc6, fc7, fc8, as the paper's VGG head).
         fc_hidden, fc_grid: width of fc6/fc7 and the pooled grid fc6 sees (7 for VGG-16 at 224 px).
         dropout: before each linear layer of the head.
@@ -371,6 +402,8 @@ class InterpretableCNN(InterpretableClassifier):
         beta_rate: float = 0.05,
         filter_loss_weight: float = 1.0,
         filter_loss_warmup: int = 0,
+        normalize_filter_gradient: bool = True,
+        freeze_categories: bool = False,
         head: Literal["gap", "fc"] = "gap",
         fc_hidden: int = 4096,
         fc_grid: int = 7,
@@ -390,11 +423,12 @@ class InterpretableCNN(InterpretableClassifier):
             raise ValueError(f"head must be 'gap' or 'fc', got {head!r}")
         self.mode, self.positive_class = mode, positive_class
         self.filter_loss_weight, self.filter_loss_warmup = float(filter_loss_weight), int(filter_loss_warmup)
+        self.freeze = freeze_categories
         self.backbone = Backbone(backbone, stage=stage, pretrained=pretrained_backbone)
         channels = self.backbone.out_channels
         layer_kw = dict(
             variant=variant, beta=beta, tau=tau, prior_alpha=prior_alpha, momentum=momentum,
-            beta_rate=beta_rate, single_category=mode == "logistic",
+            beta_rate=beta_rate, single_category=mode == "logistic", normalize_gradient=normalize_filter_gradient,
         )
         convs = [False] * int(mask_backbone) + [True] * num_layers
         self.interpretable = nn.ModuleList(InterpretableLayer(channels, num_classes, conv=c, **layer_kw) for c in convs)
@@ -453,11 +487,14 @@ class InterpretableCNN(InterpretableClassifier):
     def compute_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits, maps = self.layer_maps(images)
         ce = F.cross_entropy(logits, labels)
+        active = self.current_epoch >= self.filter_loss_warmup
         if self.training:
             for layer, m in zip(self.interpretable, maps):
                 layer.update_statistics(m, labels)
+                if self.freeze and active and layer.fixed_categories[0] < 0:
+                    layer.freeze_categories()
         filter_loss = sum(layer.filter_loss(m, labels, update=self.training) for layer, m in zip(self.interpretable, maps))
-        weight = self.filter_loss_weight if self.current_epoch >= self.filter_loss_warmup else 0.0
+        weight = self.filter_loss_weight if active else 0.0
         return logits, {"loss": ce + weight * filter_loss, "cross_entropy": ce, "filter_loss": filter_loss}
 
     def _task_batch(self, batch: Any) -> Any:

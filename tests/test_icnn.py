@@ -169,6 +169,7 @@ def _brute_force_layer_loss(x, categories, labels, h, w):
     bank = part_templates(h, w, dtype=x.dtype)
     total = 0.0
     grads = torch.zeros_like(x)
+    coefs = torch.zeros(b, c, dtype=x.dtype)
     for f in range(c):
         temps = [bank[m] for m in range(hw)] + [-torch.ones(h, w, dtype=x.dtype)]
         priors = [alpha / hw] * hw + [1 - alpha]
@@ -180,24 +181,30 @@ def _brute_force_layer_loss(x, categories, labels, h, w):
             r = math.exp(s[i][t_hat]) / z[t_hat]
             total += -priors[t_hat] * r * (math.log(r) - math.log(px) - 1) / b
             log_ratio = s[i][t_hat] - math.log(z[t_hat]) - math.log(px)
-            grads[i, f] = -priors[t_hat] * r * log_ratio * tau * temps[t_hat] / b
-    return total, grads
+            coefs[i, f] = -priors[t_hat] * r * log_ratio  # dL/ds, Eq. 4 without t_ij
+            grads[i, f] = coefs[i, f] * tau * temps[t_hat] / b
+    return total, grads, coefs
 
 
 def test_layer_filter_loss_equals_brute_force_and_eq4_gradient():
     torch.manual_seed(2)
-    layer = InterpretableLayer(2, 2, conv=False, momentum=0.0).double()
+    layer = InterpretableLayer(2, 2, conv=False, momentum=0.0, normalize_gradient=False).double()
     x = torch.rand(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 1])
     maps = layer(x)
     layer.class_activation.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # filter 0 -> class 0, 1 -> 1
     layer.class_seen.fill_(True)
     value = layer.filter_loss(maps, labels)
-    expected, expected_grad = _brute_force_layer_loss(x.detach(), [0, 1], labels.tolist(), 3, 3)
+    expected, expected_grad, expected_coef = _brute_force_layer_loss(x.detach(), [0, 1], labels.tolist(), 3, 3)
     assert float(value) == pytest.approx(expected, rel=1e-10)
     (grad,) = torch.autograd.grad(value, x)
     # x reaches the loss only through ReLU (identity for x > 0) and s_hat: Z and p(x) are detached
     torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-12)
+    # normalised: each filter's coefficients divided by their (detached) mean magnitude over the batch
+    layer.normalize_gradient = True
+    (grad_n,) = torch.autograd.grad(layer.filter_loss(layer(x), labels), x)
+    scale = expected_coef.abs().mean(dim=0)
+    torch.testing.assert_close(grad_n, expected_grad / scale[None, :, None, None], rtol=1e-8, atol=1e-12)
 
 
 def test_running_z_is_an_ema_in_log_space():
@@ -375,7 +382,8 @@ def test_configs_resolve_and_build():
 
 
 def test_filter_loss_warmup_switches_lambda_on_after_the_warmup_epochs():
-    net = InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, filter_loss_weight=2.0, filter_loss_warmup=1)
+    net = InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, filter_loss_weight=2.0, filter_loss_warmup=1,
+                           freeze_categories=True)
     images, labels = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
 
     class FakeTrainer:
@@ -384,6 +392,13 @@ def test_filter_loss_warmup_switches_lambda_on_after_the_warmup_epochs():
     net._trainer = FakeTrainer()
     _, warm = net.compute_losses(images, labels)
     torch.testing.assert_close(warm["loss"], warm["cross_entropy"])
+    assert torch.all(net.interpretable[0].fixed_categories == -1)  # still following the EMA
+    net.train()
     FakeTrainer.current_epoch = 1
     _, on = net.compute_losses(images, labels)
     torch.testing.assert_close(on["loss"], on["cross_entropy"] + 2.0 * on["filter_loss"])
+    frozen = net.filter_categories().clone()
+    assert torch.all(net.interpretable[0].fixed_categories >= 0)
+    layer = net.interpretable[0]
+    layer.class_activation.copy_(-layer.class_activation)  # the EMA now prefers other classes...
+    assert torch.equal(net.filter_categories(), frozen)  # ...but the frozen categories stay
