@@ -96,3 +96,14 @@ def test_class_count_mismatch_names_both_numbers(repo_root, tmp_path):
                      "--model.init_args.num_classes", "7", "--runs_root", str(tmp_path))
     assert result.returncode != 0
     assert "num_classes=7" in result.stderr and "10 classes" in result.stderr
+
+
+def test_wrong_type_and_unknown_backbone_fail_before_training(repo_root, tmp_path):
+    result = run_cli(repo_root, "fit", "--config", "configs/cam/synthetic.yaml", "--trainer.max_epochs", "many")
+    assert result.returncode != 0
+    assert "max_epochs" in result.stderr
+    result = run_cli(repo_root, "fit", "--config", "configs/cam/synthetic.yaml", *TINY,
+                     "--model.init_args.backbone", "resnet_nope", "--runs_root", str(tmp_path))
+    assert result.returncode != 0
+    assert "unknown backbone 'resnet_nope'" in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing written
