@@ -166,7 +166,8 @@ class InterpretableLayer(nn.Module):
         beta_rate: per-step rate at which the released code's beta tracks clip(3 / sigma, 1.5, 3).
         single_category: every filter belongs to class 1 (logistic mode).
         normalize_gradient: divide each filter's Eq. 4 coefficients by their batch mean magnitude
-            (detached), as the released code normalises its injected gradient per filter. Without it
+            (detached), as the released code normalises its injected gradient per filter; the loss value
+            stays the surrogate's, only the gradient is rescaled. Without it
             the loss is unbounded in the activation scale: from scratch, activations grow and the
             categories collapse onto one class (see the note in the module docstring).
 
@@ -351,7 +352,9 @@ class InterpretableLayer(nn.Module):
         if self.normalize_gradient:
             with torch.no_grad():  # |dL/ds| per (image, filter), Eq. 4 without t_ij
                 coef = torch.exp(log_prior_hat + s_hat - log_z_hat) * (s_hat - log_z_hat - log_px)
-            per_image = per_image / coef.abs().mean(dim=0).clamp(min=1e-12)
+            # same value (the Eq. 4 surrogate, for logging), gradient divided by the filter's scale
+            scaled = per_image / coef.abs().mean(dim=0).clamp(min=1e-12)
+            per_image = scaled - scaled.detach() + per_image.detach()
         return per_image.sum(dim=1).mean()
 
 

@@ -202,7 +202,9 @@ def test_layer_filter_loss_equals_brute_force_and_eq4_gradient():
     torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-12)
     # normalised: each filter's coefficients divided by their (detached) mean magnitude over the batch
     layer.normalize_gradient = True
-    (grad_n,) = torch.autograd.grad(layer.filter_loss(layer(x), labels), x)
+    value_n = layer.filter_loss(layer(x), labels)
+    assert float(value_n) == pytest.approx(expected, rel=1e-10)  # the value is still the surrogate's
+    (grad_n,) = torch.autograd.grad(value_n, x)
     scale = expected_coef.abs().mean(dim=0)
     torch.testing.assert_close(grad_n, expected_grad / scale[None, :, None, None], rtol=1e-8, atol=1e-12)
 
