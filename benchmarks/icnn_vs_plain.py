@@ -54,7 +54,7 @@ def build(kind: str, args: argparse.Namespace, num_classes: int) -> pl.Lightning
         return CAMNet(extra_conv=Backbone(args.backbone, stage=args.stage).out_channels, **common)
     weight = args.filter_loss_weight if kind == "interpretable" else 0.0
     return InterpretableCNN(filter_loss_weight=weight, filter_loss_warmup=args.warmup, variant=args.variant,
-                            tau=args.tau, normalize_filter_gradient=not args.raw_eq4,
+                            tau=args.tau, normalize_filter_gradient=not args.raw_eq4, clip_log_ratio=not args.no_clip,
                             freeze_categories=not args.ema_categories, **common)
 
 
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--filter-loss-weight", type=float, default=1.0)
     parser.add_argument("--warmup", type=int, default=2, help="epochs before the filter loss is switched on")
     parser.add_argument("--raw-eq4", action="store_true", help="no per-filter normalisation of the Eq. 4 gradient")
+    parser.add_argument("--no-clip", action="store_true", help="Eq. 4 also where log p(x|T_hat) / p(x) < 0")
     parser.add_argument("--ema-categories", action="store_true", help="keep moving categories after the warm-up")
     parser.add_argument("--variant", default="paper", choices=["paper", "released_code"])
     parser.add_argument("--tau", default="n2")

@@ -28,13 +28,19 @@ Choices between the paper and the released code (section 1.9 of the spec):
 - Filter category: argmax_c of an EMA (momentum 0.9, as the code's `sliceMag`) of the per-class mean of
   mean_ij x (the paper's sum_ij x up to the constant n^2; the code uses the max). In ``mode="logistic"``
   (single category, label `positive_class` against negatives) every filter belongs to the positive class.
-- Training from scratch (our SyntheticParts runs; the paper fine-tunes ImageNet CNNs) needs three
-  guards, all switchable: the raw Eq. 4 loss is unbounded below in the activation scale (e^s / Z
-  favours ever larger peaks), so by default each filter's coefficients are divided by their batch
-  mean magnitude (`normalize_filter_gradient`, as the released code normalises its injected gradient);
-  `filter_loss_warmup` epochs without the loss let filters acquire class preferences first; and
-  `freeze_categories` stops the EMA from re-assigning filters once the loss is on (otherwise most
-  filters drifted onto one class in our runs).
+- Training from scratch (our SyntheticParts runs; the paper fine-tunes ImageNet CNNs) needs guards,
+  all switchable (False / 0 = the paper's Eq. 4 as printed, up to the sign):
+  * `clip_log_ratio` (default on): Eq. 4 keeps one template because e^{tr(x.T')} << e^{tr(x.T_hat)}
+    "after the first epochs". Where log[p(x|T_hat) / p(x)] < 0 that does not hold, and the printed
+    gradient pushes x *away* from T_hat: it raised the activations of images outside a filter's
+    category until most filters fired on one class (accuracy fell to 0.6-0.8 in our runs). We apply
+    Eq. 4 only where the ratio is >= 0 (implemented by clamping tr(x.T_hat) from below at
+    log Z + log p(x), so the surrogate is continuous and its gradient there is zero).
+  * `normalize_filter_gradient` (default on): the raw loss is unbounded below in the activation
+    scale (e^s / Z favours ever larger peaks), so each filter's coefficients are divided by their
+    batch mean magnitude, as the released code normalises its injected gradient per filter.
+  * `filter_loss_warmup` epochs without the loss let filters acquire class preferences first, and
+    `freeze_categories` stops the EMA from re-assigning filters once the loss is on.
 """
 from __future__ import annotations
 
@@ -165,6 +171,7 @@ class InterpretableLayer(nn.Module):
         momentum: of the running estimates (Z_T and the class-wise activation).
         beta_rate: per-step rate at which the released code's beta tracks clip(3 / sigma, 1.5, 3).
         single_category: every filter belongs to class 1 (logistic mode).
+        clip_log_ratio: apply Eq. 4 only where log[p(x|T_hat) / p(x)] >= 0 (module docstring).
         normalize_gradient: divide each filter's Eq. 4 coefficients by their batch mean magnitude
             (detached), as the released code normalises its injected gradient per filter; the loss value
             stays the surrogate's, only the gradient is rescaled. Without it
@@ -188,6 +195,7 @@ class InterpretableLayer(nn.Module):
         beta_rate: float = 0.05,
         single_category: bool = False,
         normalize_gradient: bool = True,
+        clip_log_ratio: bool = True,
     ) -> None:
         super().__init__()
         if variant not in ("paper", "released_code"):
@@ -201,7 +209,7 @@ class InterpretableLayer(nn.Module):
         template_tau(1, 1, tau)  # validates
         self.variant, self.beta, self.tau, self.prior_alpha = variant, float(beta), tau, prior_alpha
         self.momentum, self.beta_rate, self.single_category = float(momentum), float(beta_rate), single_category
-        self.normalize_gradient = normalize_gradient
+        self.normalize_gradient, self.clip_log_ratio = normalize_gradient, clip_log_ratio
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else None
         self.out = nn.Identity()
         self.register_buffer("class_activation", torch.zeros(channels, num_classes))
@@ -348,6 +356,8 @@ class InterpretableLayer(nn.Module):
             log_prior_hat = log_prior[index]
         template_hat = torch.where(positive[..., None, None], maps.mask, torch.full_like(maps.mask, -1.0))
         s_hat = tau * (x * template_hat).sum(dim=(2, 3))
+        if self.clip_log_ratio:  # no gradient where the single-template approximation fails
+            s_hat = torch.maximum(s_hat, log_z_hat + log_px)
         per_image = filter_loss_surrogate(s_hat, log_z_hat, log_px, log_prior_hat)  # (B, C)
         if self.normalize_gradient:
             with torch.no_grad():  # |dL/ds| per (image, filter), Eq. 4 without t_ij
@@ -379,6 +389,7 @@ class InterpretableCNN(InterpretableClassifier):
             classes; from scratch, categories read off random filters lock in a skewed assignment.
         normalize_filter_gradient: per-filter normalisation of the Eq. 4 coefficients (released code;
             see `InterpretableLayer`).
+        clip_log_ratio: Eq. 4 only where log[p(x|T_hat) / p(x)] >= 0 (see the module docstring).
         freeze_categories: fix each filter's category when the filter loss switches on (after the
             warm-up) instead of letting the EMA move it during training.
         head: ``"gap"`` (GAP + linear) or ``"fc"`` (max-pool, fc6, fc7, fc8, as the paper's VGG head).
@@ -406,6 +417,7 @@ class InterpretableCNN(InterpretableClassifier):
         filter_loss_weight: float = 1.0,
         filter_loss_warmup: int = 0,
         normalize_filter_gradient: bool = True,
+        clip_log_ratio: bool = True,
         freeze_categories: bool = False,
         head: Literal["gap", "fc"] = "gap",
         fc_hidden: int = 4096,
@@ -432,6 +444,7 @@ class InterpretableCNN(InterpretableClassifier):
         layer_kw = dict(
             variant=variant, beta=beta, tau=tau, prior_alpha=prior_alpha, momentum=momentum,
             beta_rate=beta_rate, single_category=mode == "logistic", normalize_gradient=normalize_filter_gradient,
+            clip_log_ratio=clip_log_ratio,
         )
         convs = [False] * int(mask_backbone) + [True] * num_layers
         self.interpretable = nn.ModuleList(InterpretableLayer(channels, num_classes, conv=c, **layer_kw) for c in convs)

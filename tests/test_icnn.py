@@ -170,6 +170,7 @@ def _brute_force_layer_loss(x, categories, labels, h, w):
     total = 0.0
     grads = torch.zeros_like(x)
     coefs = torch.zeros(b, c, dtype=x.dtype)
+    clipped = 0.0  # the value with Eq. 4 applied only where the log ratio is >= 0
     for f in range(c):
         temps = [bank[m] for m in range(hw)] + [-torch.ones(h, w, dtype=x.dtype)]
         priors = [alpha / hw] * hw + [1 - alpha]
@@ -183,19 +184,20 @@ def _brute_force_layer_loss(x, categories, labels, h, w):
             log_ratio = s[i][t_hat] - math.log(z[t_hat]) - math.log(px)
             coefs[i, f] = -priors[t_hat] * r * log_ratio  # dL/ds, Eq. 4 without t_ij
             grads[i, f] = coefs[i, f] * tau * temps[t_hat] / b
-    return total, grads, coefs
+            clipped += (-priors[t_hat] * r * (log_ratio - 1) if log_ratio >= 0 else priors[t_hat] * px) / b
+    return total, grads, coefs, clipped
 
 
 def test_layer_filter_loss_equals_brute_force_and_eq4_gradient():
     torch.manual_seed(2)
-    layer = InterpretableLayer(2, 2, conv=False, momentum=0.0, normalize_gradient=False).double()
+    layer = InterpretableLayer(2, 2, conv=False, momentum=0.0, normalize_gradient=False, clip_log_ratio=False).double()
     x = torch.rand(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 1])
     maps = layer(x)
     layer.class_activation.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # filter 0 -> class 0, 1 -> 1
     layer.class_seen.fill_(True)
     value = layer.filter_loss(maps, labels)
-    expected, expected_grad, expected_coef = _brute_force_layer_loss(x.detach(), [0, 1], labels.tolist(), 3, 3)
+    expected, expected_grad, expected_coef, expected_clipped = _brute_force_layer_loss(x.detach(), [0, 1], labels.tolist(), 3, 3)
     assert float(value) == pytest.approx(expected, rel=1e-10)
     (grad,) = torch.autograd.grad(value, x)
     # x reaches the loss only through ReLU (identity for x > 0) and s_hat: Z and p(x) are detached
@@ -207,6 +209,14 @@ def test_layer_filter_loss_equals_brute_force_and_eq4_gradient():
     (grad_n,) = torch.autograd.grad(value_n, x)
     scale = expected_coef.abs().mean(dim=0)
     torch.testing.assert_close(grad_n, expected_grad / scale[None, :, None, None], rtol=1e-8, atol=1e-12)
+    # clipped: Eq. 4 only where log p(x|T_hat)/p(x) >= 0; elsewhere a constant p(T_hat) p(x), no gradient
+    layer.normalize_gradient, layer.clip_log_ratio = False, True
+    value_c = layer.filter_loss(layer(x), labels)
+    assert float(value_c) == pytest.approx(expected_clipped, rel=1e-10)
+    (grad_c,) = torch.autograd.grad(value_c, x)
+    valid = expected_coef <= 0  # dL/ds = -p r log_ratio: log_ratio >= 0 exactly where it is <= 0
+    assert valid.any() and (~valid).any()  # the example exercises both sides
+    torch.testing.assert_close(grad_c, expected_grad * valid[..., None, None], rtol=1e-8, atol=1e-12)
 
 
 def test_running_z_is_an_ema_in_log_space():
