@@ -244,7 +244,7 @@ class ProtoPNet(InterpretableClassifier):
 
     def forward_with_distances(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(logits (B, K), min_distances (B, P)) with global min pooling over the latent map."""
-        min_distances = self.distances(images).flatten(2).amin(dim=2)
+        min_distances = self.distances(images).amin(dim=(2, 3))
         return self.logits_from_distances(min_distances), min_distances
 
     def forward(self, images: Tensor) -> Tensor:
@@ -500,7 +500,7 @@ class ProtoPNet(InterpretableClassifier):
         """
         size = tuple(images.shape[-2:])
         maps = self.distances(images)  # (B, P, h, w)
-        min_distances = maps.flatten(2).amin(dim=2)
+        min_distances = maps.amin(dim=(2, 3))
         logits = self.logits_from_distances(min_distances)
         target = self._target(logits, target)
         sim_maps = similarity(maps, self.similarity_kind)

@@ -23,6 +23,7 @@ from .backbones import ReceptiveField
 __all__ = [
     "NearestPatches",
     "PushResult",
+    "PushSearch",
     "crop_patches",
     "fetch_images",
     "high_activation_boxes",
@@ -30,6 +31,7 @@ __all__ = [
     "log_similarity",
     "linear_similarity",
     "nearest_patches",
+    "per_image_min",
     "push_prototypes",
     "receptive_field_boxes",
     "similarity",
@@ -49,17 +51,29 @@ def l2_distances(latent: Tensor, prototypes: Tensor) -> Tensor:
 
     Returns:
         (B, P, h, w), clamped at 0 (the expansion can go slightly negative by rounding; the
-        official code applies a ReLU for the same reason).
+        official code applies a ReLU for the same reason). A view of a (B, h, w, P) tensor: the
+        expansion is one GEMM, -2 z.p + ||p||^2 (bias fused), plus ||z||^2 and the clamp in place,
+        so no temporary of that size is made (the official 1x1 convolutions need four).
     """
     if latent.ndim != 4:
         raise ValueError(f"latent must be (B, D, h, w), got shape {tuple(latent.shape)}")
     weight = prototypes.reshape(prototypes.shape[0], -1)
-    if weight.shape[1] != latent.shape[1]:
-        raise ValueError(f"prototype dimension {weight.shape[1]} does not match latent channels {latent.shape[1]}")
-    z2 = latent.pow(2).sum(dim=1, keepdim=True)
-    zp = F.conv2d(latent, weight[:, :, None, None])
-    p2 = weight.pow(2).sum(dim=1).view(1, -1, 1, 1)
-    return (z2 - 2 * zp + p2).clamp_min(0)
+    b, dim, h, w = latent.shape
+    if weight.shape[1] != dim:
+        raise ValueError(f"prototype dimension {weight.shape[1]} does not match latent channels {dim}")
+    z = latent.permute(0, 2, 3, 1).reshape(b * h * w, dim)
+    d = torch.addmm(weight.pow(2).sum(dim=1), z, weight.T, alpha=-2)
+    d = d.add_(z.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
+    return d.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def per_image_min(distances: Tensor) -> tuple[Tensor, Tensor]:
+    """Min over positions of (B, P, h, w) maps: values and flat positions (row * w + col), both (B, P).
+
+    Reads `l2_distances`' (B, h, w, P) layout without a copy; the first minimum (smallest row, col) wins ties.
+    """
+    b, p, h, w = distances.shape
+    return distances.permute(0, 2, 3, 1).reshape(b, h * w, p).min(dim=1)
 
 
 def log_similarity(distances: Tensor, eps: float = 1e-4) -> Tensor:
@@ -131,6 +145,92 @@ def _all_gather(t: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+class PushSearch:
+    """The running, class-restricted nearest-patch search of `push_prototypes`, one batch at a time.
+
+    For custom loops and benchmarks: `update` with each batch's latent maps, then `result()`. Only
+    the prototypes that may use some image of the batch are compared (with the official unshuffled,
+    class-sorted push loader that is a few classes' prototypes per batch), so distances are computed
+    for those alone. Ties go to the smallest sample index, then the smallest (row, col).
+    """
+
+    def __init__(self, prototypes: Tensor, allowed_classes: Tensor | None = None) -> None:
+        self.protos = prototypes.detach().reshape(prototypes.shape[0], -1)
+        num, device = self.protos.shape[0], self.protos.device
+        # (K, P): row k says which prototypes may use an image of class k.
+        self.allowed_t = None if allowed_classes is None else allowed_classes.to(device=device, dtype=torch.bool).T.contiguous()
+        if self.allowed_t is not None and self.allowed_t.shape[1] != num:
+            raise ValueError(f"allowed_classes has {self.allowed_t.shape[1]} rows but there are {num} prototypes")
+        self.distance = torch.full((num,), float("inf"), device=device)
+        self.index = torch.full((num,), _NO_INDEX, dtype=torch.long, device=device)
+        self.flat_pos = torch.full((num,), _NO_INDEX, dtype=torch.long, device=device)
+        self.vectors = self.protos.clone()
+        self.dmap: Tensor | None = None
+        self.width: int | None = None
+
+    @torch.no_grad()
+    def update(self, latent: Tensor, labels: Tensor, index: Tensor) -> None:
+        """latent (B, D, h, w) of a batch, its labels and sample indices (B,)."""
+        device = self.protos.device
+        labels, index = labels.to(device).long(), index.to(device).long()
+        if latent.shape[1] != self.protos.shape[1]:
+            raise ValueError(f"latent_fn gives {latent.shape[1]} channels but prototypes have {self.protos.shape[1]}")
+        h, w = latent.shape[-2:]
+        if self.dmap is None:
+            self.dmap, self.width = torch.full((len(self.protos), h, w), float("inf"), device=device), w
+        elif (h, w) != self.dmap.shape[1:]:
+            raise ValueError(f"latent maps changed size from {tuple(self.dmap.shape[1:])} to {(h, w)} during the push")
+        if self.allowed_t is None:
+            ids, may_use = torch.arange(len(self.protos), device=device), None
+        else:
+            if labels.max() >= self.allowed_t.shape[0] or labels.min() < 0:
+                raise ValueError(f"label out of range [0, {self.allowed_t.shape[0]}) in the push data")
+            may_use = self.allowed_t.index_select(0, labels)  # (B, P)
+            ids = may_use.any(dim=0).nonzero().squeeze(1)
+            if len(ids) == 0:
+                return
+            may_use = may_use.index_select(1, ids)
+        per_image, pos = per_image_min(l2_distances(latent, self.protos.index_select(0, ids)))  # (B, n)
+        if may_use is not None:
+            per_image = per_image.masked_fill(~may_use, float("inf"))
+        # Rows in sample-index order, so that the first minimum over images is the smallest index.
+        order = torch.argsort(index)
+        cand_d, cand_row = per_image.index_select(0, order).min(dim=0)  # (n,)
+        cand_b = order[cand_row]
+        cand_pos = pos[cand_b, torch.arange(len(ids), device=device)]
+        cand_idx = index[cand_b]
+        better = torch.isfinite(cand_d) & _lex_less(
+            cand_d, cand_idx, cand_pos, self.distance[ids], self.index[ids], self.flat_pos[ids])
+        local = better.nonzero().squeeze(1)
+        if len(local) == 0:
+            return
+        sel = ids[local]
+        src = latent[cand_b[local]]  # (n, D, h, w)
+        new = src.flatten(2)[torch.arange(len(sel), device=device), :, cand_pos[local]]  # (n, D)
+        self.vectors[sel] = new
+        self.dmap[sel] = (src - new[:, :, None, None]).pow(2).sum(dim=1)
+        self.distance[sel], self.index[sel], self.flat_pos[sel] = cand_d[local], cand_idx[local], cand_pos[local]
+
+    def result(self) -> PushResult:
+        """The minima so far; under torch.distributed, merged over all ranks (a collective call)."""
+        best_d, best_idx, best_pos, vectors, dmap, width = (
+            self.distance, self.index, self.flat_pos, self.vectors, self.dmap, self.width)
+        if _world() > 1:
+            best_d, best_idx, best_pos, vectors, dmap, width = _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width)
+        found = torch.isfinite(best_d)
+        width = width or 1
+        position = torch.stack([best_pos // width, best_pos % width], dim=1)
+        position[~found] = -1
+        return PushResult(
+            vectors=vectors,
+            distance=best_d,
+            sample_index=torch.where(found, best_idx, torch.full_like(best_idx, -1)),
+            position=position,
+            found=found,
+            distance_map=dmap,
+        )
+
+
 @torch.no_grad()
 def push_prototypes(
     latent_fn: Callable[[Tensor], Tensor],
@@ -155,70 +255,11 @@ def push_prototypes(
     smallest (row, col), independently of batch size, data order and sharding.
     """
     device = torch.device(device) if device is not None else prototypes.device
-    protos = prototypes.detach().reshape(prototypes.shape[0], -1).to(device)
-    num_protos, dim = protos.shape
-    allowed = None if allowed_classes is None else allowed_classes.to(device=device, dtype=torch.bool)
-    if allowed is not None and allowed.shape[0] != num_protos:
-        raise ValueError(f"allowed_classes has {allowed.shape[0]} rows but there are {num_protos} prototypes")
-
-    best_d = torch.full((num_protos,), float("inf"), device=device)
-    best_idx = torch.full((num_protos,), _NO_INDEX, dtype=torch.long, device=device)
-    best_pos = torch.full((num_protos,), _NO_INDEX, dtype=torch.long, device=device)
-    vectors = protos.clone()
-    dmap: Tensor | None = None
-    width = None
-    proto_ids = torch.arange(num_protos, device=device)
-
+    search = PushSearch(prototypes.detach().to(device), allowed_classes)
     for batch in loader:
         images, labels, index = _unpack_indexed(batch)
-        images = images.to(device, non_blocking=True)
-        labels, index = labels.to(device).long(), index.to(device).long()
-        # Sorting the batch by sample index makes "first minimum" mean "smallest sample index".
-        order = torch.argsort(index)
-        latent = latent_fn(images)[order]
-        labels, index = labels[order], index[order]
-        if latent.shape[1] != dim:
-            raise ValueError(f"latent_fn gives {latent.shape[1]} channels but prototypes have {dim}")
-        h, w = latent.shape[-2:]
-        if dmap is None:
-            dmap, width = torch.full((num_protos, h, w), float("inf"), device=device), w
-        elif (h, w) != dmap.shape[1:]:
-            raise ValueError(f"latent maps changed size from {tuple(dmap.shape[1:])} to {(h, w)} during the push")
-
-        per_image, pos = l2_distances(latent, protos).flatten(2).min(dim=2)  # (B, P): first min = smallest (row, col)
-        if allowed is not None:
-            if labels.max() >= allowed.shape[1] or labels.min() < 0:
-                raise ValueError(f"label out of range [0, {allowed.shape[1]}) in the push data")
-            per_image = per_image.masked_fill(~allowed[:, labels].T, float("inf"))
-        cand_d, cand_b = per_image.min(dim=0)  # (P,): first min = smallest sample index
-        cand_pos = pos[cand_b, proto_ids]
-        cand_idx = index[cand_b]
-        better = torch.isfinite(cand_d) & _lex_less(cand_d, cand_idx, cand_pos, best_d, best_idx, best_pos)
-        if not better.any():
-            continue
-        sel = better.nonzero().squeeze(1)
-        b_sel, q_sel = cand_b[sel], cand_pos[sel]
-        src = latent[b_sel]  # (n, D, h, w)
-        new = src.flatten(2)[torch.arange(len(sel), device=device), :, q_sel]  # (n, D)
-        vectors[sel] = new
-        dmap[sel] = (src - new[:, :, None, None]).pow(2).sum(dim=1)
-        best_d[sel], best_idx[sel], best_pos[sel] = cand_d[sel], cand_idx[sel], q_sel
-
-    if _world() > 1:
-        best_d, best_idx, best_pos, vectors, dmap, width = _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width)
-
-    found = torch.isfinite(best_d)
-    width = width or 1
-    position = torch.stack([best_pos // width, best_pos % width], dim=1)
-    position[~found] = -1
-    return PushResult(
-        vectors=vectors,
-        distance=best_d,
-        sample_index=torch.where(found, best_idx, torch.full_like(best_idx, -1)),
-        position=position,
-        found=found,
-        distance_map=dmap,
-    )
+        search.update(latent_fn(images.to(device, non_blocking=True)), labels, index)
+    return search.result()
 
 
 def _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width):
@@ -398,7 +439,7 @@ def nearest_patches(
         images, labels, index = _unpack_indexed(batch)
         latent = latent_fn(images.to(device, non_blocking=True))
         width = latent.shape[-1]
-        per_image, where = l2_distances(latent, protos).flatten(2).min(dim=2)  # (B, P)
+        per_image, where = per_image_min(l2_distances(latent, protos))  # (B, P)
         n = per_image.shape[0]
         d, idx, (pos, lab) = _top_k(
             torch.cat([d, per_image.T], 1),

@@ -58,12 +58,13 @@ class PrototypePush(pl.Callback):
         plan = pl_module.plan()
         if not plan.push or int(pl_module.push_epoch) == trainer.current_epoch:
             return  # nothing due, or already pushed (resumed after the push)
-        result = pl_module.push(push_loader(trainer), epoch=trainer.current_epoch)
+        loader = push_loader(trainer)
+        result = pl_module.push(loader, epoch=trainer.current_epoch)
         found = result.found & pl_module.prototype_mask
         pl_module.log("push/mean_distance", result.distance[found].mean(), on_epoch=True, on_step=False)
         if self.figures and trainer.is_global_zero:
             names = getattr(trainer.datamodule, "class_names", None)
-            fig = prototype_gallery(pl_module, self.max_prototypes, class_names=names)
+            fig = prototype_gallery(pl_module, self.max_prototypes, class_names=names, source=loader.dataset)
             # Loggers that take images (wandb) get the gallery too; the PNG next to the checkpoints is always written.
             log_figure(fig, "push/prototypes", trainer.loggers, step=trainer.global_step, close=False)
             path = Path(trainer.default_root_dir) / self.dirname / f"prototypes_epoch{plan.epoch}.png"

@@ -1,0 +1,241 @@
+"""ProtoPNet push: the vectorised push against a per-prototype NumPy loop written like the official code.
+
+CUB-like scale: 2,000 prototypes (200 classes x 10), D = 128, 7 x 7 latent maps (ResNet-18 at 224 px),
+random images with class-sorted labels (the official push loader is an unshuffled ImageFolder), batch 75.
+Both pushes must find the same prototypes (asserted). Reported for both: the whole push, one plain
+inference pass of the same network over the same images, the search alone as push minus that pass,
+and everything after trunk + add-on (distances, search, boxes) timed alone on cached latent maps.
+The reference does the official per-batch work without file writes: 1x1-convolution distances for all
+prototypes, NumPy copies, a Python loop over all prototypes with a fancy-index copy each, and on every
+improvement the receptive field and the 95th-percentile box. (Its boxes come from the pre-push
+prototype's map, ours from the pushed prototype's own map, so boxes are not compared.)
+
+    python benchmarks/push.py            # 2,000 images
+    python benchmarks/push.py --quick    # 200 images, 20 classes (P = 200): a smoke run
+    python benchmarks/push.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from models import ProtoPNet  # noqa: E402
+from models.prototypes import PushSearch, high_activation_boxes, log_similarity  # noqa: E402
+
+
+class RandomImages(torch.utils.data.Dataset):
+    """Image i is uniform noise seeded by i (so it can be fetched again by index); labels class-sorted."""
+
+    def __init__(self, n: int, num_classes: int, size: int) -> None:
+        self.n, self.size = n, size
+        self.labels = torch.arange(n) * num_classes // n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(int(i))
+        return {"image": torch.rand(3, self.size, self.size, generator=g), "label": self.labels[i], "index": torch.tensor(i)}
+
+
+# ---------------------------------------------------------------------------------- reference
+def official_distances(latent: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """ProtoPNet's `_l2_convolution`: relu(conv(z^2, ones) - 2 conv(z, p) + ||p||^2), (B, P, h, w) contiguous."""
+    prototypes = prototypes.view(*prototypes.shape[:2], 1, 1)
+    z2 = F.conv2d(latent**2, torch.ones_like(prototypes))
+    p2 = (prototypes**2).sum(dim=(1, 2, 3)).view(-1, 1, 1)
+    return F.relu(z2 - 2 * F.conv2d(latent, prototypes) + p2)
+
+
+def new_state(num_prototypes: int, dim: int) -> dict:
+    return {"distance": np.full(num_prototypes, np.inf), "vectors": np.zeros((num_prototypes, dim), np.float32),
+            "sample_index": np.full(num_prototypes, -1), "position": np.full((num_prototypes, 2), -1),
+            "rf_box": np.full((num_prototypes, 4), -1), "box": np.full((num_prototypes, 4), -1)}
+
+
+def reference_update(latent_t: torch.Tensor, dist_t: torch.Tensor, labels: torch.Tensor, index: np.ndarray,
+                     identity: torch.Tensor, rf, image_size: int, state: dict) -> None:
+    """One batch of the official `update_prototypes_on_batch` (class-specific), without its file writes:
+    NumPy copies of both maps, a Python loop over all prototypes with a fancy-index copy of the class's
+    maps each, and on every improvement the receptive field and the 95th-percentile box of the bicubically
+    upsampled activation map."""
+    latent, dist = np.copy(latent_t.cpu().numpy()), np.copy(dist_t.cpu().numpy())
+    class_to_img: dict[int, list[int]] = {k: [] for k in range(identity.shape[1])}
+    for i, y in enumerate(labels):
+        class_to_img[y.item()].append(i)
+    for j in range(dist.shape[1]):
+        imgs = class_to_img[torch.argmax(identity[j]).item()]
+        if not imgs:
+            continue
+        dist_j = dist[imgs][:, j]
+        best = np.amin(dist_j)
+        if best < state["distance"][j]:
+            b, r, c = np.unravel_index(np.argmin(dist_j, axis=None), dist_j.shape)
+            b = imgs[b]
+            state["distance"][j], state["vectors"][j] = best, latent[b, :, r, c]
+            state["sample_index"][j], state["position"][j] = index[b], (r, c)
+            y0, y1, x0, x1 = rf.box(r, c)
+            state["rf_box"][j] = (x0, y0, x1, y1)
+            act = np.log((dist[b, j] + 1) / (dist[b, j] + 1e-4))
+            up = F.interpolate(torch.from_numpy(act)[None, None], size=(image_size, image_size), mode="bicubic",
+                               align_corners=False)[0, 0].numpy()
+            ys, xs = np.nonzero(up >= np.percentile(up, 95))
+            state["box"][j] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+
+
+@torch.no_grad()
+def reference_push(model: ProtoPNet, loader, device, image_size: int) -> dict:
+    """The whole official-style push: its forward per batch (trunk, add-on, conv distances), then the loop."""
+    model.eval()
+    protos = model.prototype_vectors
+    state = new_state(model.num_prototypes, protos.shape[1])
+    rf = model.receptive_field(image_size)
+    for batch in loader:
+        latent = model.latent(batch["image"].to(device))
+        reference_update(latent, official_distances(latent, protos), batch["label"], batch["index"].numpy(),
+                         model.prototype_class_identity, rf, image_size, state)
+    protos.copy_(torch.from_numpy(state["vectors"]).view_as(protos))
+    return state
+
+
+# ------------------------------------------------------------------------------------ timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float, object]:
+    """(wall s, CPU s of this process, peak MiB, result); CPU time is the fairer figure on a shared machine."""
+    reset_peak(device)
+    sync(device)
+    t, c = time.perf_counter(), time.process_time()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, time.process_time() - c, peak_mib(device), out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="200 images, 20 classes: a smoke run")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=75)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.quick:  # every class needs an image in the push set
+        args.images, args.classes = 200, 20
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    torch.manual_seed(0)
+    model = ProtoPNet(num_classes=args.classes, backbone=args.backbone, prototypes_per_class=args.per_class,
+                      prototype_dim=args.dim).to(device).eval()
+    data = RandomImages(args.images, args.classes, args.size)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=False)
+    initial = model.prototype_vectors.detach().clone()
+    with torch.no_grad():
+        h = model.latent(data[0]["image"][None].to(device)).shape[-1]
+
+    def inference():
+        with torch.no_grad():
+            for batch in loader:
+                model(batch["image"].to(device))
+
+    def ours():
+        model.prototype_vectors.data.copy_(initial)
+        return model.push(loader)
+
+    def reference():
+        model.prototype_vectors.data.copy_(initial)
+        return reference_push(model, loader, device, args.size)
+
+    inference()  # warm-up (allocator, kernels) on the first batches
+    t_pass, c_pass, m_pass, _ = timed(inference, device)
+    t_ours, c_ours, m_ours, res = timed(ours, device)
+    t_ref, c_ref, m_ref, ref = timed(reference, device)
+
+    assert np.array_equal(res.sample_index.cpu().numpy(), ref["sample_index"]), "different source images"
+    assert np.array_equal(res.position.cpu().numpy(), ref["position"]), "different positions"
+    np.testing.assert_allclose(res.vectors.cpu().numpy(), ref["vectors"], atol=1e-6)
+    assert np.array_equal(model.prototype_rf_box.cpu().numpy(), ref["rf_box"]), "different receptive-field boxes"
+
+    # Everything after trunk + add-on (distances, search, boxes), timed on cached latent maps.
+    protos = initial.to(device)
+    cached = []
+    with torch.no_grad():
+        for batch in loader:
+            cached.append((model.latent(batch["image"].to(device)), batch))
+    rf = model.receptive_field(args.size)
+
+    def search_ours():
+        search = PushSearch(protos, model.prototype_class_identity)
+        for z, b in cached:
+            search.update(z, b["label"], b["index"])
+        result = search.result()
+        high_activation_boxes(log_similarity(result.distance_map), (args.size, args.size))
+        return result
+
+    def search_reference():
+        state = new_state(len(protos), protos.shape[1])
+        for z, b in cached:
+            reference_update(z, official_distances(z, protos), b["label"], b["index"].numpy(),
+                             model.prototype_class_identity, rf, args.size, state)
+        return state
+
+    t_s_ours, c_s_ours, _, s_ours = timed(search_ours, device)
+    t_s_ref, c_s_ref, _, s_ref = timed(search_reference, device)
+    assert np.array_equal(s_ours.sample_index.cpu().numpy(), s_ref["sample_index"]), "searches disagree"
+
+    n = args.images
+    print(f"push benchmark: {n} random {args.size}px images, {args.backbone} -> {h}x{h} maps, "
+          f"P={len(protos)} prototypes, D={args.dim}, batch {args.batch_size}, device {device}, "
+          f"{torch.get_num_threads()} threads")
+    print("wall seconds (CPU seconds of this process in brackets); search = push - pass; "
+          "after-latent = distances + search + boxes, timed alone on cached latent maps")
+    print(f"{'method':<20} {'push':>16} {'pass':>16} {'push/pass':>9} {'search':>8} {'after-latent':>17} {'img/s':>7} {'peak MiB':>9}")
+    for name, t, c, m, s, cs in (("vectorised (ours)", t_ours, c_ours, m_ours, t_s_ours, c_s_ours),
+                                 ("per-prototype loop", t_ref, c_ref, m_ref, t_s_ref, c_s_ref)):
+        print(f"{name:<20} {t:>7.2f} ({c:>6.1f}) {t_pass:>7.2f} ({c_pass:>6.1f}) {t / t_pass:>9.3f} {t - t_pass:>8.2f} "
+              f"{s:>8.3f} ({cs:>6.2f}) {n / t:>7.1f} {m:>9.0f}")
+    print(f"{'inference pass':<20} {'':>16} {t_pass:>7.2f} ({c_pass:>6.1f}) {'':>9} {'':>8} {'':>17} {n / t_pass:>7.1f} {m_pass:>9.0f}")
+    print(f"after-latent speed-up: {t_s_ref / t_s_ours:.1f}x wall, {c_s_ref / c_s_ours:.1f}x CPU; push/pass CPU: "
+          f"ours {c_ours / c_pass:.3f}, loop {c_ref / c_pass:.3f}; same prototypes and receptive fields: yes")
+
+
+if __name__ == "__main__":
+    main()
