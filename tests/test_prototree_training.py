@@ -18,7 +18,7 @@ from models.prototree import leaf_update
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loader(n: int = 8, size: int = 64, classes: int = 3, batch: int = 4, seed: int = 0):
+def loader(n: int = 8, size: int = 32, classes: int = 3, batch: int = 4, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     data = [{"image": torch.rand(3, size, size, generator=gen), "label": torch.tensor(i % classes), "index": torch.tensor(i)}
             for i in range(n)]
@@ -120,11 +120,11 @@ def pipeline_run(tmp_path_factory):
 
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
-    dm = SyntheticParts(num_classes=4, image_size=64, train_size=24, val_size=8, test_size=12, batch_size=8, seed=0)
+    dm = SyntheticParts(num_classes=4, image_size=64, train_size=16, val_size=8, test_size=12, batch_size=8, seed=0)
     model = create_model("prototree_test_resnet", num_classes=4, depth=3, lr_net=1e-3)
     pipeline = ProtoTreePipeline(pruning_threshold=0.3, num_local_explanations=2)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run / "checkpoints", monitor="val/acc", mode="max")
-    fit = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    fit = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                      default_root_dir=run, callbacks=[pipeline, checkpoint], accelerator="cpu")
     fit.fit(model, datamodule=dm)
     return run, dm, model, pipeline, fit
@@ -184,7 +184,8 @@ def test_cli_fit_with_the_synthetic_config(tmp_path):
             "--model.init_args.backbone", "test_resnet", "--model.init_args.stage", "null",
             "--model.init_args.depth", "2", "--model.init_args.num_features", "8",
             "--data.init_args.train_size", "16", "--data.init_args.val_size", "8", "--data.init_args.test_size", "8",
-            "--data.init_args.batch_size", "8", "--runs_root", str(tmp_path), "--name", "tree"]
+            "--data.init_args.batch_size", "8", "--data.init_args.image_size", "32",
+            "--runs_root", str(tmp_path), "--name", "tree"]
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
