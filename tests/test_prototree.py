@@ -425,3 +425,24 @@ def test_gradients_reach_prototypes_and_leaves(images):
     loss.backward()
     assert model.prototypes.grad.abs().sum() > 0 and model.leaves.grad.abs().sum() > 0
     assert model.add_on.weight.grad.abs().sum() > 0
+
+
+def test_tree_dot_contains_every_kept_node_and_leaf_and_no_removed_one():
+    import re
+
+    from explain.viz import tree_dot
+
+    model = tiny_tree(depth=3, num_classes=10)
+    model.leaves.copy_(torch.eye(10)[:8] * 5)
+    model.leaves[[0, 1, 7]] = 0.0
+    removed = model.prune(0.11)
+    dot = tree_dot(model, class_names=[f"class<{i}>" for i in range(10)])
+    defined = {int(n) for n in re.findall(r"^\s*n(\d+) \[label=", dot, flags=re.M)}
+    structure = model.structure()
+    assert defined == set(structure.internal) | set(structure.leaves)
+    assert not defined & set(removed)
+    edges = set(re.findall(r"n(\d+) -> n(\d+) \[label=\"(Absent|Present)\"\]", dot))
+    expected = {(str(p), str(c), side) for p, (l, r) in structure.children.items()
+                for c, side in ((l, "Absent"), (r, "Present"))}
+    assert edges == expected
+    assert "class&lt;2&gt;" in dot  # leaf labels are escaped for Graphviz's HTML-like labels
