@@ -55,7 +55,7 @@ def build(kind: str, args: argparse.Namespace, num_classes: int) -> pl.Lightning
     weight = args.filter_loss_weight if kind == "interpretable" else 0.0
     return InterpretableCNN(filter_loss_weight=weight, filter_loss_warmup=args.warmup, variant=args.variant,
                             tau=args.tau, normalize_filter_gradient=not args.raw_eq4, clip_log_ratio=not args.no_clip,
-                            freeze_categories=not args.ema_categories, **common)
+                            category_assignment=args.categories, **common)
 
 
 def evaluate(model: pl.LightningModule, kind: str, dm: SyntheticParts, image_size: int) -> dict:
@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="epochs before the filter loss is switched on")
     parser.add_argument("--raw-eq4", action="store_true", help="no per-filter normalisation of the Eq. 4 gradient")
     parser.add_argument("--no-clip", action="store_true", help="Eq. 4 also where log p(x|T_hat) / p(x) < 0")
-    parser.add_argument("--ema-categories", action="store_true", help="keep moving categories after the warm-up")
+    parser.add_argument("--categories", default="balanced", choices=["ema", "frozen", "balanced"],
+                        help="filter categories: the EMA argmax throughout, or fixed after the warm-up")
     parser.add_argument("--variant", default="paper", choices=["paper", "released_code"])
     parser.add_argument("--tau", default="n2")
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -22,9 +22,11 @@ Choices between the paper and the released code (section 1.9 of the spec):
   re-implementation; the released code uses mean_ij (a 1/n^2 scaling) with temperature 0.5, which also
   points to 1/n^2. ``tau="n"`` gives 0.5 / n. We could not re-check the PDF in this sandbox.
 - Loss: Eq. 4 keeps only the template T_hat of each (image, filter): T_mu_hat if the image is of the
-  filter's category, else T-; Z_T and p(x) are detached running estimates. The sign: Eq. 4 as printed
-  equals dMI/dx (the +1 terms of the two entropy derivatives cancel); the loss is -MI, so we use the
-  negative, which raises x inside the template (the released code's injected gradient has this sign).
+  filter's category, else T-. Z_T is a running (EMA) estimate per filter and template, and p(x) =
+  sum_T p(T) e^{tr(x.T)} / Z_T over all n^2 + 1 templates with those Z_T; both detached. The sign:
+  Eq. 4 as printed equals dMI/dx (the +1 terms of the two entropy derivatives cancel); the loss is
+  -MI, so we use the negative, which raises x inside the template (as the released code's injected
+  gradient does).
 - Filter category: argmax_c of an EMA (momentum 0.9, as the code's `sliceMag`) of the per-class mean of
   mean_ij x (the paper's sum_ij x up to the constant n^2; the code uses the max). In ``mode="logistic"``
   (single category, label `positive_class` against negatives) every filter belongs to the positive class.
@@ -39,8 +41,12 @@ Choices between the paper and the released code (section 1.9 of the spec):
   * `normalize_filter_gradient` (default on): the raw loss is unbounded below in the activation
     scale (e^s / Z favours ever larger peaks), so each filter's coefficients are divided by their
     batch mean magnitude, as the released code normalises its injected gradient per filter.
-  * `filter_loss_warmup` epochs without the loss let filters acquire class preferences first, and
-    `freeze_categories` stops the EMA from re-assigning filters once the loss is on.
+  * `filter_loss_warmup` epochs without the loss let filters acquire class preferences first.
+  * `category_assignment`: ``"ema"`` (paper and code: argmax of the EMA at every step), ``"frozen"``
+    (that argmax, fixed when the loss switches on) or ``"balanced"`` (fixed then too, each class
+    getting C/K filters by a linear assignment on the filters' shares of activation per class). With
+    filters trained from scratch the argmax left several classes without any filter, and the loss
+    then silenced every filter on their images (test accuracy 0.70 instead of 0.98).
 """
 from __future__ import annotations
 
@@ -67,6 +73,7 @@ __all__ = [
     "argmax_mu",
     "centroid_mu",
     "filter_loss_surrogate",
+    "balanced_categories",
 ]
 
 
@@ -129,6 +136,22 @@ def centroid_mu(x: Tensor) -> Tensor:
     i = ((x.sum(dim=3) * rows).sum(dim=2) / mass).round().clamp(0, h - 1)
     j = ((x.sum(dim=2) * cols).sum(dim=2) / mass).round().clamp(0, w - 1)
     return (i * w + j).long()
+
+
+def balanced_categories(class_activation: Tensor) -> Tensor:
+    """(C,) categories with floor(C/K) or ceil(C/K) filters per class (the first C mod K classes get
+    one more), maximising the sum over filters of their share of activation on their class
+    (activation / the filter's total over classes), by linear assignment (scipy)."""
+    from scipy.optimize import linear_sum_assignment
+
+    act = class_activation.detach().float().clamp(min=0).cpu()
+    share = act / act.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    channels, classes = share.shape
+    slots = torch.arange(channels) % classes  # the class of each of the C slots
+    rows, cols = linear_sum_assignment(share[:, slots].numpy(), maximize=True)
+    categories = torch.empty(channels, dtype=torch.long)
+    categories[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
+    return categories.to(class_activation.device)
 
 
 def filter_loss_surrogate(s: Tensor, log_z: Tensor, log_px: Tensor, log_prior: Tensor) -> Tensor:
@@ -265,9 +288,13 @@ class InterpretableLayer(nn.Module):
         return seen.argmax(dim=1)
 
     @torch.no_grad()
-    def freeze_categories(self) -> None:
-        """Fix the current categories (the EMA keeps running but no longer moves them)."""
-        self.fixed_categories.copy_(self.filter_categories())
+    def freeze_categories(self, balanced: bool = False) -> None:
+        """Fix the categories (the EMA keeps running but no longer moves them): the current argmax, or
+        with `balanced` a `balanced_categories` assignment of the class-wise activations."""
+        if balanced and not self.single_category:
+            self.fixed_categories.copy_(balanced_categories(self.class_activation))
+        else:
+            self.fixed_categories.copy_(self.filter_categories())
 
     @torch.no_grad()
     def update_statistics(self, maps: LayerMaps, labels: Tensor) -> None:
@@ -390,8 +417,8 @@ class InterpretableCNN(InterpretableClassifier):
         normalize_filter_gradient: per-filter normalisation of the Eq. 4 coefficients (released code;
             see `InterpretableLayer`).
         clip_log_ratio: Eq. 4 only where log[p(x|T_hat) / p(x)] >= 0 (see the module docstring).
-        freeze_categories: fix each filter's category when the filter loss switches on (after the
-            warm-up) instead of letting the EMA move it during training.
+        category_assignment: ``"ema"``, ``"frozen"`` or ``"balanced"`` (see the module docstring); the
+            last two fix the categories when the filter loss switches on (after the warm-up).
         head: ``"gap"`` (GAP + linear) or ``"fc"`` (max-pool, fc6, fc7, fc8, as the paper's VGG head).
         fc_hidden, fc_grid: width of fc6/fc7 and the pooled grid fc6 sees (7 for VGG-16 at 224 px).
         dropout: before each linear layer of the head.
@@ -418,7 +445,7 @@ class InterpretableCNN(InterpretableClassifier):
         filter_loss_warmup: int = 0,
         normalize_filter_gradient: bool = True,
         clip_log_ratio: bool = True,
-        freeze_categories: bool = False,
+        category_assignment: Literal["ema", "frozen", "balanced"] = "ema",
         head: Literal["gap", "fc"] = "gap",
         fc_hidden: int = 4096,
         fc_grid: int = 7,
@@ -436,9 +463,11 @@ class InterpretableCNN(InterpretableClassifier):
             raise ValueError(f"filter_loss_weight and filter_loss_warmup must be >= 0, got {filter_loss_weight}, {filter_loss_warmup}")
         if head not in ("gap", "fc"):
             raise ValueError(f"head must be 'gap' or 'fc', got {head!r}")
+        if category_assignment not in ("ema", "frozen", "balanced"):
+            raise ValueError(f"category_assignment must be 'ema', 'frozen' or 'balanced', got {category_assignment!r}")
         self.mode, self.positive_class = mode, positive_class
         self.filter_loss_weight, self.filter_loss_warmup = float(filter_loss_weight), int(filter_loss_warmup)
-        self.freeze = freeze_categories
+        self.category_assignment = category_assignment
         self.backbone = Backbone(backbone, stage=stage, pretrained=pretrained_backbone)
         channels = self.backbone.out_channels
         layer_kw = dict(
@@ -507,8 +536,8 @@ class InterpretableCNN(InterpretableClassifier):
         if self.training:
             for layer, m in zip(self.interpretable, maps):
                 layer.update_statistics(m, labels)
-                if self.freeze and active and layer.fixed_categories[0] < 0:
-                    layer.freeze_categories()
+                if self.category_assignment != "ema" and active and layer.fixed_categories[0] < 0:
+                    layer.freeze_categories(balanced=self.category_assignment == "balanced")
         filter_loss = sum(layer.filter_loss(m, labels, update=self.training) for layer, m in zip(self.interpretable, maps))
         weight = self.filter_loss_weight if active else 0.0
         return logits, {"loss": ce + weight * filter_loss, "cross_entropy": ce, "filter_loss": filter_loss}

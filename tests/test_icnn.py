@@ -11,6 +11,7 @@ from models import InterpretableCNN, ReceptiveField, create_model, list_models
 from models.icnn import (
     InterpretableLayer,
     LayerMaps,
+    balanced_categories,
     centroid_mu,
     filter_loss_surrogate,
     negative_template,
@@ -261,6 +262,21 @@ def test_filter_categories_follow_class_activations():
     assert layer.filter_categories()[0] == 1
 
 
+def test_balanced_categories_by_hand():
+    # every filter prefers class 0 in absolute terms; shares of class 1: 0.1, 0.4, 0.2, 0.45
+    act = torch.tensor([[9.0, 1.0], [6.0, 4.0], [8.0, 2.0], [5.5, 4.5]])
+    assert act.argmax(dim=1).tolist() == [0, 0, 0, 0]
+    assert balanced_categories(act).tolist() == [0, 1, 0, 1]  # the two largest class-1 shares
+    # 5 filters, 2 classes: class 0 gets 3, class 1 gets 2
+    act5 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    assert balanced_categories(act5).tolist() == [0, 1, 1, 0, 0]  # largest share1 - share0: filters 1, 2
+    layer = InterpretableLayer(4, 2, conv=False)
+    layer.class_activation.copy_(act)
+    layer.class_seen.fill_(True)
+    layer.freeze_categories(balanced=True)
+    assert layer.filter_categories().tolist() == [0, 1, 0, 1]
+
+
 def test_logistic_mode_assigns_every_filter_to_the_positive_class():
     layer = InterpretableLayer(5, 2, conv=False, single_category=True)
     assert torch.equal(layer.filter_categories(), torch.ones(5, dtype=torch.long))
@@ -395,7 +411,7 @@ def test_configs_resolve_and_build():
 
 def test_filter_loss_warmup_switches_lambda_on_after_the_warmup_epochs():
     net = InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, filter_loss_weight=2.0, filter_loss_warmup=1,
-                           freeze_categories=True)
+                           category_assignment="frozen")
     images, labels = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
 
     class FakeTrainer:
