@@ -437,6 +437,9 @@ class ProtoPNet(InterpretableClassifier):
             classes = sorted(set(self.prototype_classes[missing].tolist()))
             raise ValueError(f"push: no image of class(es) {classes[:20]} in the push data; prototypes left unchanged")
 
+        # Official: boxes are made on every improvement during the search, from the *pre-push*
+        # prototype's map. We make them once, after the search, from the pushed prototype's own map
+        # on its source image: the map the model computes from now on.
         found = result.found
         sources, inverse = torch.unique(result.sample_index[found], return_inverse=True)
         images = fetch_images(loader, sources).to(self.device)
