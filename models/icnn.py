@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone, ReceptiveField
 from .base import Explanation, InterpretableClassifier
+from .pretrained import PretrainedEntry, register_pretrained
 from .registry import register_model
 
 __all__ = [
@@ -616,3 +617,10 @@ def icnn_resnet50(**kwargs) -> InterpretableCNN:
 def icnn_test_resnet(**kwargs) -> InterpretableCNN:
     """timm's tiny `test_resnet` after layer2 (48 channels, 8x8 at 64 px): for tests and CPU runs."""
     return _icnn("test_resnet", 2, **kwargs)
+
+
+register_pretrained(PretrainedEntry(
+    name="icnn_resnet18.synthparts", class_path="models.icnn.InterpretableCNN",
+    dataset="SyntheticParts (10 classes, 64 px)", config="configs/icnn/synthetic.yaml",
+    notes="ResNet-18 cut after layer2 (masked), one interpretable 3x3 conv (masked, filter loss), GAP + linear",
+))

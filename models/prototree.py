@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .backbones import Backbone
 from .base import Explanation, InterpretableClassifier, unpack_batch
 from .prototypes import crop_patches, push_prototypes, upsample_maps
+from .pretrained import PretrainedEntry, register_pretrained
 from .registry import register_model
 
 __all__ = [
@@ -690,3 +691,10 @@ def prototree_test_resnet(**kwargs) -> ProtoTree:
     kwargs.setdefault("num_features", 16)
     kwargs.setdefault("freeze_epochs", 0)
     return _prototree("test_resnet", **kwargs)
+
+
+register_pretrained(PretrainedEntry(
+    name="prototree_resnet10t.synthparts", class_path="models.prototree.ProtoTree",
+    dataset="SyntheticParts (10 classes, 64 px)", config="configs/prototree/synthetic.yaml",
+    notes="depth-5 tree on timm's ResNet-10-T cut after layer3, pruned and projected; push set = train split",
+))
