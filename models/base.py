@@ -26,6 +26,7 @@ __all__ = [
     "InterpretableClassifier",
     "Normalize",
     "NonFiniteLossError",
+    "compile_with_fallback",
     "unpack_batch",
 ]
 
@@ -65,9 +66,12 @@ class Normalize(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.channels_last = False  # set by InterpretableClassifier.apply_speed_options
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        # The first layer of every model: converting here makes the whole network run channels_last.
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -105,6 +109,37 @@ def _as_tuples(value: Any) -> Any:
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def compile_with_fallback(module: nn.Module, **compile_kwargs: Any) -> bool:
+    """`torch.compile` a module in place (as `nn.Module.compile`: parameters and state-dict keys are
+    unchanged), falling back to eager execution with a warning where compiling fails.
+
+    Compilation happens at the first call (and at recompiles), so a failure can only be seen there:
+    the wrapper catches it, warns once, uncompiles the module and runs the call eagerly (a genuine
+    error in the inputs then surfaces from the eager call). Returns False when torch.compile is not
+    available here at all.
+    """
+    dynamo = getattr(torch, "_dynamo", None)
+    if not hasattr(torch, "compile") or (dynamo is not None and not dynamo.is_dynamo_supported()):
+        rank_zero_warn(f"torch.compile is not supported here; {type(module).__name__} runs eagerly")
+        return False
+    compiled = torch.compile(module._call_impl, **compile_kwargs)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any backend failure: no compiler, unsupported op, ...
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            rank_zero_warn(f"torch.compile of {type(module).__name__} failed ({type(error).__name__}: {first[:200]}); "
+                           "running it eagerly")
+            module._compiled_call_impl = None
+            return module._call_impl(*args, **kwargs)
+
+    # nn.Module.__call__ runs _compiled_call_impl when set (this is what nn.Module.compile does).
+    module._compiled_call_impl = call
+    module._zoo_compiled = True
+    return True
+
+
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
@@ -124,6 +159,11 @@ class InterpretableClassifier(pl.LightningModule):
         check_finite: stop with a clear message when a loss term is NaN or inf.
         skip_nonfinite: instead of stopping, skip training batches whose loss is not finite (they
             are counted in `skipped_batches` and logged as ``train/skipped_batches``).
+        channels_last: run the network in the channels_last memory format (faster convolutions
+            with cuDNN/oneDNN, above all under mixed precision); same results up to float rounding.
+        compile_backbone: `torch.compile` the trunk (`speed_module`) in place: state-dict keys
+            and checkpoints stay the same; where it fails, a warning and eager execution.
+        Both are applied by `apply_speed_options` (called by every Trainer entry point).
     """
 
     def __init__(
@@ -141,6 +181,8 @@ class InterpretableClassifier(pl.LightningModule):
         gamma: float = 0.1,
         check_finite: bool = True,
         skip_nonfinite: bool = False,
+        channels_last: bool = False,
+        compile_backbone: bool = False,
     ) -> None:
         super().__init__()
         # Collects the init arguments of the whole subclass chain (plain YAML types only, so a
@@ -201,12 +243,18 @@ class InterpretableClassifier(pl.LightningModule):
             )
         return True
 
+    def batch_losses(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """(logits, labels, losses) of one batch; a family may override it to skip work (ProtoPNet's
+        cached last-layer epochs read the batch's sample indices instead of running the network)."""
+        images, labels = unpack_batch(batch)
+        logits, losses = self.compute_losses(images, labels)
+        return logits, labels, losses
+
     def _shared_step(self, batch: Any, stage: str) -> Tensor | None:
         """Losses, metrics and logging of one batch; None when a non-finite batch is skipped."""
-        images, labels = unpack_batch(batch)
         # A skipped batch must leave no trace: its forward pass also moved BatchNorm statistics.
         saved = [b.detach().clone() for b in self.buffers()] if stage == "train" and self.hparams.get("skip_nonfinite") else None
-        logits, losses = self.compute_losses(images, labels)
+        logits, labels, losses = self.batch_losses(batch, stage)
         if not self._check_finite(losses, stage):
             with torch.no_grad():
                 for buffer, value in zip(self.buffers(), saved):
@@ -235,6 +283,34 @@ class InterpretableClassifier(pl.LightningModule):
         images, _ = unpack_batch(batch)
         logits = self(images)
         return {"logits": logits, "prediction": logits.argmax(dim=1)}
+
+    # ----------------------------------------------------------------- speed options
+    def speed_module(self) -> nn.Module | None:
+        """The trunk that `compile_backbone` compiles: ``backbone``, or a plain classifier's ``net``."""
+        for name in ("backbone", "net"):
+            module = getattr(self, name, None)
+            if isinstance(module, nn.Module):
+                return module
+        return None
+
+    def apply_speed_options(self) -> None:
+        """Apply `channels_last` and `compile_backbone` from the hyperparameters (idempotent).
+
+        Call it yourself when using a model outside a Trainer; the Trainer calls it through
+        `configure_model` (fit, validate, test and predict; families may override `setup`).
+        """
+        hp = self.hparams
+        if hp.get("channels_last") and not self.normalize.channels_last:
+            self.to(memory_format=torch.channels_last)  # 4-D parameters and buffers
+            self.normalize.channels_last = True
+        module = self.speed_module()
+        if hp.get("compile_backbone") and module is not None and getattr(module, "_zoo_compiled", None) is None:
+            compile_with_fallback(module)
+        elif hp.get("compile_backbone") and module is None:
+            rank_zero_warn(f"compile_backbone: {type(self).__name__} has no 'backbone' or 'net' module; nothing compiled")
+
+    def configure_model(self) -> None:
+        self.apply_speed_options()
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -11,14 +11,14 @@ followed or corrected is marked "Official:" in comments.
 """
 from __future__ import annotations
 
-import itertools
+import contextlib
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .backbones import Backbone, ReceptiveField
@@ -36,60 +36,11 @@ from .prototypes import (
     similarity,
     upsample_maps,
 )
+from .protopnet_cache import SimilarityCacheMixin
+from .protopnet_schedule import PHASES, EpochPlan, check_schedule, protopnet_schedule
 from .registry import register_model
 
-__all__ = ["EpochPlan", "PHASES", "ProtoPNet", "ProtoPNetEnsemble", "protopnet_schedule"]
-
-PHASES = ("warm", "joint", "last")
-
-
-# ----------------------------------------------------------------------------------------- schedule
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one Lightning epoch does.
-
-    Attributes:
-        phase: ``"warm"`` (add-on + prototypes), ``"joint"`` (all but the last layer) or ``"last"``.
-        epoch: the official epoch it belongs to (a push epoch owns its last-layer epochs).
-        push: the prototypes are pushed at the start of this epoch (i.e. right after the official
-            push epoch's training and evaluation).
-        joint_epochs: joint epochs started so far, this one included.
-    """
-
-    phase: str
-    epoch: int
-    push: bool
-    joint_epochs: int
-
-
-def protopnet_schedule(
-    lightning_epoch: int,
-    num_warm_epochs: int = 5,
-    push_start: int = 10,
-    push_every: int = 10,
-    last_layer_epochs: int = 20,
-    num_train_epochs: int | None = None,
-) -> EpochPlan:
-    """The plan of a Lightning epoch under the official schedule.
-
-    Official epoch e trains warm (e < num_warm_epochs) or joint; when e >= push_start and
-    e % push_every == 0 it is followed by a push and `last_layer_epochs` last-layer passes, each a
-    Lightning epoch of its own (so each is validated and checkpointed). After `num_train_epochs`
-    official epochs every further Lightning epoch is last-layer only (e.g. after pruning).
-    """
-    first, joint = 0, 0  # first Lightning epoch of official epoch e; joint epochs so far
-    for e in itertools.count():
-        if num_train_epochs is not None and e == num_train_epochs:
-            return EpochPlan("last", e - 1, False, joint)
-        phase = "warm" if e < num_warm_epochs else "joint"
-        joint += phase == "joint"
-        span = 1 + (last_layer_epochs if e >= push_start and e % push_every == 0 else 0)
-        if lightning_epoch < first + span:
-            if lightning_epoch == first:
-                return EpochPlan(phase, e, False, joint)
-            return EpochPlan("last", e, lightning_epoch == first + 1, joint)
-        first += span
-    raise AssertionError("unreachable")
+__all__ = ["EpochPlan", "PHASES", "ProtoPNet", "ProtoPNetEnsemble", "check_schedule", "protopnet_schedule"]
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -112,7 +63,7 @@ def _add_on_layers(kind: str, in_channels: int, dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class ProtoPNet(InterpretableClassifier):
+class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
     """Prototypical part network.
 
     Args:
@@ -135,6 +86,9 @@ class ProtoPNet(InterpretableClassifier):
         conv_weight_decay: of the backbone and add-on (prototypes and last layer: none).
         freeze_bn_stats: keep BatchNorm statistics of a frozen backbone fixed (official: they move).
         patch_size: side of the stored uint8 prototype patches.
+        cache_last_layer: in last-layer epochs, train the last layer on the min distances of every
+            training image computed once (after each push, or when a run resumes there) instead of
+            running the network every pass; see `similarity_cache`.
         **kwargs: `InterpretableClassifier` arguments (mean, std, check_finite); its optimiser
             arguments do not apply (the phases have their own).
     """
@@ -170,6 +124,7 @@ class ProtoPNet(InterpretableClassifier):
         conv_weight_decay: float = 1e-3,
         freeze_bn_stats: bool = False,
         patch_size: int = 32,
+        cache_last_layer: bool = False,
         **kwargs: Any,
     ) -> None:
         if num_classes < 2:
@@ -179,15 +134,7 @@ class ProtoPNet(InterpretableClassifier):
             raise ValueError(f"prototypes_per_class and prototype_dim must be >= 1, got {prototypes_per_class}, {prototype_dim}")
         if similarity not in ("log", "linear"):
             raise ValueError(f"unknown similarity {similarity!r}; expected 'log' or 'linear'")
-        if push_every < 1 or last_layer_epochs < 1:
-            raise ValueError(f"push_every and last_layer_epochs must be >= 1, got {push_every}, {last_layer_epochs}")
-        if num_train_epochs is not None and not (
-            num_train_epochs >= 1 and num_train_epochs - 1 >= push_start and (num_train_epochs - 1) % push_every == 0
-        ):
-            raise ValueError(
-                f"num_train_epochs={num_train_epochs} must end with a push epoch (>= push_start={push_start}, "
-                f"a multiple of push_every={push_every}), so that training ends on pushed prototypes"
-            )
+        check_schedule(num_warm_epochs, push_start, push_every, last_layer_epochs, num_train_epochs)
         self.automatic_optimization = False
         self.similarity_kind = similarity
 
@@ -214,6 +161,11 @@ class ProtoPNet(InterpretableClassifier):
         self.register_buffer("prototype_patch", torch.zeros(p, 3, patch_size, patch_size, dtype=torch.uint8))
         self.register_buffer("prototype_image_size", torch.zeros(2, dtype=torch.long))  # (H, W) of the push images
         self.phase = "warm"
+        # Last-layer cache: (N, P) min distances by training sample index; not saved in checkpoints
+        # (a resumed run rebuilds it), keyed by the tensors it depends on (models/protopnet_cache.py).
+        self.similarity_cache: Tensor | None = None
+        self._cache_key: tuple | None = None
+        self._use_cache = False
 
     # ------------------------------------------------------------------------------ properties
     @property
@@ -235,8 +187,31 @@ class ProtoPNet(InterpretableClassifier):
         return self.add_on(self.backbone(self.normalize(images)))
 
     def distances(self, images: Tensor) -> Tensor:
-        """Squared L2 distance of every latent patch to every prototype: (B, P, h, w)."""
-        return l2_distances(self.latent(images), self.prototype_vectors)
+        """Squared L2 distance of every latent patch to every prototype: (B, P, h, w), in float32.
+
+        Under mixed precision the trunk runs in bf16/fp16 but the distances do not: a squared
+        distance up to D in bf16 (8-bit mantissa) is off by ~D/256, which would move the
+        log-similarities near 0, the cluster/separation minima and the push's nearest patch.
+        """
+        with self._fp32_distances() as latent:
+            return l2_distances(latent(images), self.prototype_vectors)
+
+    @contextlib.contextmanager
+    def _fp32_distances(self) -> Iterator[Callable[[Tensor], Tensor]]:
+        """Autocast off for what follows; yields a latent function that runs the trunk under the
+        caller's autocast (the fast part) and returns float32 maps."""
+        kind = self.device.type
+        if not torch.is_autocast_enabled(kind):
+            yield lambda images: self.latent(images).float()
+            return
+        dtype = torch.get_autocast_dtype(kind)
+
+        def latent(images: Tensor) -> Tensor:
+            with torch.autocast(kind, dtype=dtype):
+                return self.latent(images).float()
+
+        with torch.autocast(kind, enabled=False):
+            yield latent
 
     def logits_from_distances(self, min_distances: Tensor) -> Tensor:
         sims = similarity(min_distances, self.similarity_kind)
@@ -275,8 +250,12 @@ class ProtoPNet(InterpretableClassifier):
         }
 
     def compute_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        hp = self.hparams
         logits, min_distances = self.forward_with_distances(images)
+        return logits, self.losses_from_distances(logits, min_distances, labels)
+
+    def losses_from_distances(self, logits: Tensor, min_distances: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """The loss terms and their weighted total ("loss") from logits and min distances (B, P)."""
+        hp = self.hparams
         terms = {"cross_entropy": F.cross_entropy(logits, labels), **self.prototype_losses(min_distances, labels)}
         total = (
             hp.cross_entropy_weight * terms["cross_entropy"]
@@ -287,7 +266,7 @@ class ProtoPNet(InterpretableClassifier):
         if self.training:  # the official "p dist pair": mean pairwise squared distance of the prototypes
             protos = self.prototype_vectors.detach().flatten(1)
             terms["prototype_pair_distance"] = torch.cdist(protos, protos).pow(2).mean()
-        return logits, {"loss": total, **terms}
+        return {"loss": total, **terms}
 
     # ---------------------------------------------------------------------------------- phases
     def plan(self, epoch: int | None = None) -> EpochPlan:
@@ -350,6 +329,11 @@ class ProtoPNet(InterpretableClassifier):
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         if total is not None and max_epochs is not None and 0 <= max_epochs < total:
             warnings.warn(f"the ProtoPNet schedule needs {total} epochs but trainer.max_epochs={max_epochs}", stacklevel=2)
+        batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+        if (self.hparams.get("cache_last_layer") and not self.hparams.freeze_bn_stats
+                and any(isinstance(m, batch_norms) for m in self.backbone.modules())):
+            rank_zero_warn("cache_last_layer: last-layer epochs train on the eval-mode network, so the trunk's "
+                           "BatchNorm statistics stay fixed there (as with freeze_bn_stats=True; officially they move)")
 
     def on_train_epoch_start(self) -> None:
         plan = self.plan()
@@ -364,6 +348,13 @@ class ProtoPNet(InterpretableClassifier):
             joint = self.optimizers()[PHASES.index("joint")].optimizer
             for group in joint.param_groups:
                 group["lr"] = group["initial_lr"] * self._lr_factor(plan.joint_epochs)
+        self._use_cache = plan.phase == "last" and bool(self.hparams.get("cache_last_layer")) and self._prepare_cache()
+        if not self._use_cache:
+            self.invalidate_similarity_cache()  # outside the cached phase it is stale or unused: free it
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.invalidate_similarity_cache()  # a resumed run in a last-layer epoch rebuilds it
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         optimizer = self.optimizers()[PHASES.index(self.phase)]
@@ -428,8 +419,9 @@ class ProtoPNet(InterpretableClassifier):
         """
         modes = self._eval_mode()
         try:
-            result = push_prototypes(self.latent, self.prototype_vectors, loader,
-                                     allowed_classes=self.prototype_class_identity.bool(), device=self.device)
+            with self._fp32_distances() as latent:
+                result = push_prototypes(latent, self.prototype_vectors, loader,
+                                         allowed_classes=self.prototype_class_identity.bool(), device=self.device)
         finally:
             self._restore_mode(modes)
         missing = ~result.found & self.prototype_mask
@@ -459,6 +451,7 @@ class ProtoPNet(InterpretableClassifier):
         self.prototype_patch.copy_(patches)
         self.prototype_image_size.copy_(torch.tensor(size))
         self.push_epoch.fill_(self.current_epoch if epoch is None else epoch)
+        self.invalidate_similarity_cache()
         return result
 
     # --------------------------------------------------------------------- pruning and analysis
@@ -467,7 +460,8 @@ class ProtoPNet(InterpretableClassifier):
         """The k nearest images (by their nearest patch) of every prototype in `loader` (global analysis)."""
         modes = self._eval_mode()
         try:
-            return nearest_patches(self.latent, self.prototype_vectors, loader, k=k, device=self.device)
+            with self._fp32_distances() as latent:
+                return nearest_patches(latent, self.prototype_vectors, loader, k=k, device=self.device)
         finally:
             self._restore_mode(modes)
 
@@ -484,6 +478,7 @@ class ProtoPNet(InterpretableClassifier):
         pruned = (own < threshold) & self.prototype_mask
         self.prototype_mask &= ~pruned
         self.last_layer.weight[:, pruned] = 0
+        self.invalidate_similarity_cache()  # its min distances still hold, but keep the rule simple: pushes and prunings rebuild it
         return pruned.nonzero().squeeze(1)
 
     # ------------------------------------------------------------------------------ explanation

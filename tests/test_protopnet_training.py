@@ -234,3 +234,139 @@ def test_synthetic_config_runs_through_the_cli(repo_root, tmp_path):
     assert "test/acc" in result.stdout
     best = Path(next(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("best")))
     assert int(torch.load(best, map_location="cpu", weights_only=True)["state_dict"]["push_epoch"]) >= 0
+
+
+# ------------------------------------------------------------------------------ cached last layer
+class _EpochShuffle(torch.utils.data.Sampler):
+    """A permutation drawn from the epoch (Lightning calls set_epoch): the same order in every run."""
+
+    def __init__(self, n):
+        self.n, self.epoch = n, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch)).tolist())
+
+
+class ShuffledTinyData(TinyData):
+    augment = False  # declared, as the zoo's datamodules do
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(self.data, batch_size=8, sampler=_EpochShuffle(len(self.data)))
+
+
+class NetworkCalls(pl.Callback):
+    """Trunk forward calls made by training steps, per epoch; cache builds per epoch."""
+
+    def __init__(self):
+        self.calls, self.builds, self._in_step = {}, {}, False
+
+    def on_fit_start(self, trainer, m):
+        m.backbone.register_forward_hook(lambda *_: self._count(trainer.current_epoch))
+        build = m.build_similarity_cache
+
+        def counted(loader):
+            self.builds[trainer.current_epoch] = self.builds.get(trainer.current_epoch, 0) + 1
+            return build(loader)
+        m.build_similarity_cache = counted
+
+    def _count(self, epoch):
+        if self._in_step:
+            self.calls[epoch] = self.calls.get(epoch, 0) + 1
+
+    def on_train_batch_start(self, *args):
+        self._in_step = True
+
+    def on_train_batch_end(self, *args):
+        self._in_step = False
+
+
+def _cached_model(cache):
+    # freeze_bn_stats: the uncached path then sees the eval-mode trunk too, so both must agree.
+    torch.manual_seed(0)
+    return create_model("protopnet_test_resnet", num_classes=3, stage=2, freeze_bn_stats=True,
+                        cache_last_layer=cache, **SCHEDULE)
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tmp_path_factory):
+    runs = {}
+    for cache in (False, True):
+        tmp = tmp_path_factory.mktemp(f"cache{cache}")
+        calls = NetworkCalls()
+        ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        model = _cached_model(cache)
+        _trainer(tmp, 6, [calls, PrototypePush(figures=False), ckpt]).fit(model, ShuffledTinyData())
+        runs[cache] = (tmp, model, calls)
+    return runs
+
+
+def test_cached_last_layer_equals_recomputing_the_network(cached_runs):
+    (_, plain, plain_calls), (_, cached, calls) = cached_runs[False], cached_runs[True]
+    # Same shuffled batch order, same frozen network: the same last layer within float tolerance.
+    torch.testing.assert_close(cached.last_layer.weight, plain.last_layer.weight, atol=1e-5, rtol=1e-4)
+    assert not torch.equal(cached.last_layer.weight, _cached_model(True).last_layer.weight)  # it did train
+    for name, value in plain.state_dict().items():
+        if not name.startswith("last_layer"):
+            assert torch.equal(cached.state_dict()[name], value), name
+    # The cache is built once, right after the push (epoch 3), and the trunk never runs in a
+    # training step of a last-layer epoch (epochs 3-5); without cache it runs in every step.
+    assert calls.builds == {3: 1}
+    assert all(calls.calls.get(e, 0) == 0 for e in (3, 4, 5)) and all(calls.calls[e] == 3 for e in (0, 1, 2))
+    assert all(plain_calls.calls[e] == 3 for e in range(6)) and plain_calls.builds == {}
+
+
+def test_similarity_cache_rows_and_invalidation():
+    model, data = _cached_model(True), TinyData()
+    loader = torch.utils.data.DataLoader(data.data, batch_size=5, sampler=_EpochShuffle(24))  # any order
+    cache = model.build_similarity_cache(loader)
+    model.eval()
+    with torch.no_grad():
+        reference = model.forward_with_distances(data.data.images)[1]  # row i = sample index i
+    torch.testing.assert_close(cache, reference, atol=1e-5, rtol=1e-5)
+    assert model.similarity_cache_valid
+    with torch.no_grad():
+        model.last_layer.weight.mul_(2)  # the cache does not depend on the last layer
+    assert model.similarity_cache_valid
+
+    def stale_after(change):
+        model.build_similarity_cache(loader)
+        change()
+        return not model.similarity_cache_valid
+
+    assert stale_after(lambda: model.push(data.push_dataloader()))
+    assert stale_after(lambda: model.prototype_vectors.detach().add_(0.1))
+    assert stale_after(lambda: model.prune(data.push_dataloader(), k=4, threshold=4))
+    backbone_param = next(model.backbone.parameters())
+    assert stale_after(lambda: backbone_param.detach().mul_(1.01))  # e.g. an optimiser step on the trunk
+    assert stale_after(lambda: model.load_state_dict(model.state_dict()))
+
+
+def test_cache_is_not_used_on_augmented_data(tmp_path):
+    class Augmented(ShuffledTinyData):
+        augment = True
+
+    torch.manual_seed(0)
+    model = create_model("protopnet_test_resnet", num_classes=3, stage=2, num_warm_epochs=0, push_start=0,
+                         push_every=1, last_layer_epochs=1, num_train_epochs=1, cache_last_layer=True)
+    calls = NetworkCalls()
+    with pytest.warns(UserWarning, match="augmented online"):
+        _trainer(tmp_path, 2, [calls, PrototypePush(figures=False)]).fit(model, Augmented())
+    assert calls.builds == {} and calls.calls[1] == 3 and model.similarity_cache is None
+
+
+def test_resume_in_the_last_layer_phase_rebuilds_the_cache(cached_runs, tmp_path):
+    tmp, reference, _ = cached_runs[True]
+    calls = NetworkCalls()
+    model = _cached_model(True)
+    # The end of epoch 3 (the first cached pass): epoch 4 is a last-layer epoch without a push.
+    _trainer(tmp_path, 6, [calls, PrototypePush(figures=False)]).fit(model, ShuffledTinyData(),
+                                                                       ckpt_path=tmp / "ckpt" / "epoch=3.ckpt")
+    assert calls.builds == {4: 1} and calls.calls.get(4, 0) == calls.calls.get(5, 0) == 0
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)

@@ -13,12 +13,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from explain.viz import render_tree, save_figure, tree_path_figure
 from models.base import unpack_batch
 from models.prototree import ProtoTree
 
-__all__ = ["ProtoTreePipeline", "evaluate_tree", "tree_depth"]
+__all__ = ["ProtoTreePipeline", "check_tree_schedule", "evaluate_tree", "tree_depth"]
 
 
 def tree_depth(model: ProtoTree) -> int:
@@ -55,6 +56,21 @@ def evaluate_tree(model: ProtoTree, loader: Any, device: torch.device | str | No
     result.update(num_prototypes=float(len(model.structure().internal)), num_leaves=float(int(model.kept_leaves().sum())),
                   depth=float(tree_depth(model)))
     return result
+
+
+def check_tree_schedule(freeze_epochs: int, milestones: list[int], max_epochs: int | None = None) -> None:
+    """Raise a one-line ValueError naming the keys and values of an impossible ProtoTree schedule:
+    negative freeze_epochs, milestones that are not increasing integers >= 1 (MultiStepLR would
+    silently ignore or merge them). Warns when the trunk group stays frozen for the whole run."""
+    if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
+        raise ValueError(f"ProtoTree schedule: freeze_epochs={freeze_epochs!r} must be an integer >= 0")
+    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
+        raise ValueError(f"ProtoTree schedule: milestones={milestones} must be integers >= 1")
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise ValueError(f"ProtoTree schedule: milestones={milestones} must be strictly increasing")
+    if max_epochs is not None and freeze_epochs >= max_epochs > 0:  # legitimate for smoke runs: warn only
+        rank_zero_warn(f"ProtoTree schedule: freeze_epochs={freeze_epochs} >= trainer.max_epochs={max_epochs}: "
+                       "the frozen trunk group never trains in this run")
 
 
 class ProtoTreePipeline(pl.Callback):
@@ -94,18 +110,33 @@ class ProtoTreePipeline(pl.Callback):
             raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
         if source not in ("current", "best"):
             raise ValueError(f"source must be 'current' or 'best', got {source!r}")
+        if not 0 <= pruning_threshold < 1:
+            raise ValueError(f"pruning_threshold must be in [0, 1) (a leaf's max class probability), got {pruning_threshold}")
+        if num_local_explanations < 0:
+            raise ValueError(f"num_local_explanations must be >= 0, got {num_local_explanations}")
         self.prune, self.pruning_threshold, self.project = prune, pruning_threshold, project
         self.eval_split, self.source, self.render = eval_split, source, render
         self.num_local_explanations, self.dirname, self.test_final_tree = num_local_explanations, dirname, test_final_tree
         self.results: dict[str, Any] = {}
         self.checkpoint: Path | None = None
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Config faults fail here, before training, not after it."""
+        if stage != "fit":
+            return
         if not isinstance(pl_module, ProtoTree):
             raise TypeError(f"ProtoTreePipeline needs a ProtoTree model, got {type(pl_module).__name__}")
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("ProtoTreePipeline needs a datamodule (for the push and evaluation loaders)")
+        if self.project and not hasattr(datamodule, "push_dataloader"):
+            raise ValueError(f"ProtoTreePipeline(project=True) needs a datamodule with push_dataloader(); "
+                             f"{type(datamodule).__name__} has none")
+        check_tree_schedule(pl_module.hparams.get("freeze_epochs", 0), list(pl_module.hparams.get("milestones") or []),
+                            trainer.max_epochs)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = trainer.datamodule
         run_dir = Path(trainer.default_root_dir)
         was_training = pl_module.training
         pl_module.eval()
