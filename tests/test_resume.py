@@ -1,11 +1,13 @@
-"""Interrupted runs: a fit killed with SIGKILL mid-epoch resumes from `last` and ends identically;
-checkpoint files are written atomically."""
+"""Interrupted runs: a fit killed with SIGKILL mid-epoch or mid-push resumes from `last` and ends
+identically; checkpoint files are written atomically."""
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 
@@ -13,16 +15,20 @@ from train.resume import AtomicCheckpointIO, EpochSeededDataset, EpochShuffleSam
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# "kill" dies by SIGKILL before training step `kill_step`; "resume" resumes the runs in the given
+# folders (comma-separated) from `last`, then fits the uninterrupted reference in a fresh folder next
+# to them (fewer interpreter starts).
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
+    from pathlib import Path
     import lightning.pytorch as pl
     import torch
     from models import CAMNet
     from train.data import SyntheticParts
     from train.resume import AtomicCheckpointIO
 
-    mode, out, kill_step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mode, outs, kill_step = sys.argv[1], [Path(f) for f in sys.argv[2].split(",")], int(sys.argv[3])
 
     class Kill(pl.Callback):  # SIGKILL: no clean-up, no exception handlers, like a lost machine
         def on_train_batch_start(self, trainer, *args):
@@ -30,43 +36,150 @@ SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
     torch.set_num_threads(1)
-    pl.seed_everything(0)
-    model = CAMNet(num_classes=3, backbone="test_resnet", dropout=0.3, lr=1e-2, scheduler="step", step_size=1, gamma=0.5)
-    data = SyntheticParts(num_classes=3, image_size=32, train_size=40, val_size=12, test_size=12, batch_size=8)
-    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_last=True)
-    trainer = pl.Trainer(max_epochs=3, logger=False, deterministic=True, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=out, plugins=[AtomicCheckpointIO()],
-                         callbacks=[checkpoint] + ([Kill()] if mode == "kill" else []))
-    trainer.fit(model, data, ckpt_path="last" if mode == "resume" else None)
-    torch.save({"state": model.state_dict(), "val_acc": trainer.callback_metrics["val/acc"]}, os.path.join(out, "final.pt"))
+
+    def fit(folder, kill, ckpt_path):
+        pl.seed_everything(0)
+        model = CAMNet(num_classes=3, backbone="test_resnet", dropout=0.3, lr=1e-2, scheduler="step", step_size=1, gamma=0.5)
+        data = SyntheticParts(num_classes=3, image_size=32, train_size=40, val_size=12, test_size=12, batch_size=8)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
+        trainer = pl.Trainer(max_epochs=3, logger=False, deterministic=True, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=folder, plugins=[AtomicCheckpointIO()],
+                             callbacks=[checkpoint] + ([Kill()] if kill else []))
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        torch.save({"state": model.state_dict(), "val_acc": trainer.callback_metrics["val/acc"]}, folder / "final.pt")
+
+    if mode == "kill":
+        fit(outs[0], True, None)
+    else:
+        for folder in outs:
+            fit(folder, False, "last")
+        fit(outs[0].parent / "reference", False, None)
     """
 )
 
 
-def _run(mode: str, out: Path, kill_step: int = -1) -> subprocess.CompletedProcess:
+def _start(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode, str(out), str(kill_step)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([sys.executable, "-c", script, mode, ",".join(map(str, outs)), str(kill_step)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("kill_step", [7])  # 5 batches per epoch: killed after 2 batches of epoch 1
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, kill_step):
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    done = _run("plain", reference)
-    assert done.returncode == 0, done.stderr[-3000:]
-    killed = _run("kill", interrupted, kill_step)
-    assert killed.returncode == -9  # really killed
-    assert not (interrupted / "final.pt").exists()
+def _run(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT) -> tuple[int, str]:
+    """Return code and the end of stderr."""
+    process = _start(mode, *outs, kill_step=kill_step, script=script)
+    _, err = process.communicate(timeout=600)
+    return process.returncode, err[-3000:]
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+    # 5 batches per epoch. Killed after 2 batches of epoch 1 (step 7), and at the epoch boundary
+    # (step 5: `last` was saved after the last batch of epoch 0, before its validation; Lightning
+    # resumes it straight into epoch 1, whose batches must all be trained).
+    runs = {7: tmp_path / "mid_epoch", 5: tmp_path / "epoch_boundary"}
+    killers = {step: _start("kill", folder, kill_step=step) for step, folder in runs.items()}  # in parallel
+    for step, folder in runs.items():
+        _, err = killers[step].communicate(timeout=600)
+        assert killers[step].returncode == -9, err[-3000:]  # really killed
+        assert not (folder / "final.pt").exists()
+        assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == step
+    code, err = _run("resume", *runs.values())
+    assert code == 0, err
+    expected = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
+    for step, folder in runs.items():
+        actual = torch.load(folder / "final.pt", weights_only=True)
+        # Deterministic CPU run: the same weights to the bit and the same final metric.
+        for name, value in expected["state"].items():
+            assert torch.equal(actual["state"][name], value), (step, name)
+        assert torch.equal(actual["val_acc"], expected["val_acc"]), step
+
+
+# A ProtoPNet whose Lightning epochs are 0 warm | 1 joint | 2 push, then last layer. "kill" dies by
+# SIGKILL inside the push, after it has searched `kill_step` batches of the push loader (3 in all);
+# "resume" resumes that run from `last`, then fits an uninterrupted reference in a fresh folder.
+PUSH_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import lightning.pytorch as pl
+    import torch
+    import models.prototypes
+    from models import create_model
+    from train.data import SyntheticParts
+    from train.prototypes import PrototypePush
+    from train.resume import AtomicCheckpointIO
+
+    mode, out, kill_after = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    torch.set_num_threads(1)
+
+    if mode == "kill":
+        update, seen = models.prototypes.PushSearch.update, []
+
+        def update_then_die(self, *args, **kwargs):
+            if len(seen) == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            seen.append(1)
+            return update(self, *args, **kwargs)
+
+        models.prototypes.PushSearch.update = update_then_die
+
+    class Phases(pl.Callback):
+        def __init__(self):
+            self.first = None
+        def on_train_batch_start(self, trainer, model, batch, batch_idx):
+            if self.first is None:  # after the push callback and the model's phase switch
+                self.first = (trainer.current_epoch, model.phase, int(model.push_epoch))
+
+    def fit(folder, ckpt_path):
+        pl.seed_everything(0)
+        model = create_model("protopnet_test_resnet", num_classes=3, stage=2, num_warm_epochs=1, push_start=1,
+                             push_every=1, last_layer_epochs=1, num_train_epochs=2, last_layer_lr=1e-2)
+        data = SyntheticParts(num_classes=3, image_size=32, train_size=24, val_size=12, test_size=12, batch_size=8)
+        checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)  # each epoch, as the configs
+        phases = Phases()
+        trainer = pl.Trainer(max_epochs=3, logger=False, deterministic=True, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=folder, plugins=[AtomicCheckpointIO()],
+                             callbacks=[checkpoint, PrototypePush(max_prototypes=6), phases])
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        torch.save({"state": model.state_dict(), "val_acc": trainer.callback_metrics["val/acc"],
+                    "first": phases.first}, folder / "final.pt")
+
+    if mode == "kill":
+        fit(out, None)
+    else:
+        fit(out, "last")
+        fit(out.parent / "reference", None)
+    """
+)
+
+
+def test_sigkill_during_push_then_resume_matches_uninterrupted_run(tmp_path):
+    interrupted = tmp_path / "interrupted"
+    code, err = _run("kill", interrupted, kill_step=1, script=PUSH_SCRIPT)  # dies after 1 of 3 push batches
+    assert code == -9, err
+    # Nothing half-written: every file is a whole checkpoint, the newest one from before the push
+    # (end of Lightning epoch 1, 3 batches an epoch); the push's gallery was not begun.
+    assert sorted(p.name for p in interrupted.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]
+    for path in interrupted.glob("*.ckpt"):
+        torch.load(path, weights_only=True)
     saved = torch.load(interrupted / "last.ckpt", weights_only=True)
-    assert saved["global_step"] == kill_step
-    resumed = _run("resume", interrupted)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = torch.load(reference / "final.pt", weights_only=True)
+    assert saved["global_step"] == 6 and saved["epoch"] == 1
+    assert saved["state_dict"]["push_epoch"] == -1
+    assert not (interrupted / "figures").exists()
+
+    code, err = _run("resume", interrupted, script=PUSH_SCRIPT)
+    assert code == 0, err
+    expected = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
     actual = torch.load(interrupted / "final.pt", weights_only=True)
-    # Deterministic CPU run: the same weights to the bit and the same final metric.
+    # The resumed run starts at epoch 2 with the push done and the last-layer phase on ...
+    assert actual["first"] == (2, "last", 2) and expected["first"] == (0, "warm", -1)
+    # ... and ends, on a deterministic CPU run, with the same weights, prototypes, push records
+    # (source images, boxes, uint8 patches) to the bit, and the same validation accuracy.
+    assert int(expected["state"]["push_epoch"]) == 2
     for name, value in expected["state"].items():
         assert torch.equal(actual["state"][name], value), name
     assert torch.equal(actual["val_acc"], expected["val_acc"])
+    gallery = "figures/prototypes_epoch1.png"
+    assert np.array_equal(plt.imread(interrupted / gallery), plt.imread(tmp_path / "reference" / gallery))
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -86,6 +199,29 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
+@pytest.mark.xfail(strict=True, reason="explain.viz.save_figure writes the push gallery in place; it needs a "
+                   "temporary file + os.replace like AtomicCheckpointIO (explain/viz.py is outside this change)")
+def test_push_gallery_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from explain.viz import save_figure
+
+    path = tmp_path / "prototypes_epoch1.png"
+    save_figure(Figure(figsize=(1, 1)), path)
+    whole = path.read_bytes()
+
+    def crash(self, fname, *args, **kwargs):  # the process dies half-way through the PNG
+        with open(fname, "wb") as fh:
+            fh.write(whole[: len(whole) // 2])
+        raise OSError("killed while writing")
+
+    monkeypatch.setattr(Figure, "savefig", crash)
+    with pytest.raises(OSError, match="killed while writing"):
+        save_figure(Figure(figsize=(1, 1)), path)
+    assert path.read_bytes() == whole
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_sampler_order_is_a_function_of_seed_and_epoch_and_skips_on_resume():
     a, b = EpochShuffleSampler(10, seed=3, batch_size=4), EpochShuffleSampler(10, seed=3, batch_size=4)
     a.set_epoch(2)
@@ -95,6 +231,12 @@ def test_sampler_order_is_a_function_of_seed_and_epoch_and_skips_on_resume():
     b.skip_batches = 1
     assert list(b) == full[4:]
     assert list(b) == full  # the skip applies once
+    b.skip_batches = 1
+    b.set_epoch(2)  # Lightning re-announcing the same epoch keeps the skip ...
+    assert list(b) == full[4:]
+    b.skip_batches = 1
+    b.set_epoch(3)  # ... moving on to the next one cancels it
+    assert len(list(b)) == 10
     a.set_epoch(3)
     assert [i - 30 for i in a] != [i - 20 for i in full]
 

@@ -40,7 +40,7 @@ class EpochShuffleSampler(Sampler[int]):
 
     Encoding the epoch in the index lets `EpochSeededDataset` seed each sample's augmentation
     from (seed, epoch, i) even inside DataLoader workers. `skip_batches` drops the first batches of
-    the next epoch (set when resuming mid-epoch).
+    the current epoch once (set when resuming mid-epoch); moving to another epoch cancels it.
     """
 
     def __init__(self, num_samples: int, seed: int = 0, batch_size: int = 1) -> None:
@@ -49,6 +49,10 @@ class EpochShuffleSampler(Sampler[int]):
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
+        # A checkpoint saved after the last batch of epoch e says "e, all batches done"; Lightning
+        # resumes it straight into epoch e + 1, whose batches must not be skipped.
+        if int(epoch) != self.epoch:
+            self.skip_batches = 0
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
