@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from models.pretrained import MANIFEST, _entry, save_zoo_checkpoint, sha256_of  # noqa: E402
+from models.pretrained import MANIFEST, pretrained_entry, save_zoo_checkpoint, sha256_of  # noqa: E402
 from train.cli import main as cli_main  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def _public_args(args: list[str]) -> list[str]:
 
 def build(name: str, work: Path, extra: list[str], run_dir: Path | None = None) -> dict:
     """Train (or, with `run_dir`, take a finished `train.py fit` run of the same config), test, release."""
-    entry = _entry(name)
+    entry = pretrained_entry(name)
     fit_args = ["fit", "--config", entry.config, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
                 "--runs_root", str(work), "--name", name, "--test_after_fit", "false", *extra]
     start = time.time()

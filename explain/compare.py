@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from explain import metrics as M
 from explain.posthoc import attribute, list_methods
 from models.base import InterpretableClassifier
+from models.pretrained import FORMAT as ZOO_FORMAT
+from models.pretrained import list_pretrained, load_pretrained, pretrained_entry
 
 __all__ = ["METRICS", "HIGHER_IS_BETTER", "load_model", "load_synthetic", "evaluate", "summarise", "to_markdown", "main"]
 
@@ -101,11 +103,18 @@ def _class_path(checkpoint: Path, ckpt: dict, model_class: str | None) -> str:
 
 
 def load_model(path: str | Path, model_class: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """A zoo model from a Lightning checkpoint (weights_only), in eval mode on `device`."""
+    """A zoo model in eval mode on `device` from a released name, a zoo file or a Lightning checkpoint.
+
+    Files are read weights-only; `model_class` names the class when a Lightning checkpoint does not tell it.
+    """
+    if model_class is None and str(path) in list_pretrained():
+        return load_pretrained(str(path)).to(device).eval()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path} (and no released checkpoint of that name)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if model_class is None and (ckpt.get("format") == ZOO_FORMAT or ckpt.get("zoo_class_path")):
+        return load_pretrained(path, check_hash=False).to(device).eval()
     hparams = dict(ckpt.get("hyper_parameters") or {})
     module, _, name = _class_path(path, ckpt, model_class).rpartition(".")
     cls = getattr(importlib.import_module(module), name)
@@ -116,6 +125,10 @@ def load_model(path: str | Path, model_class: str | None = None, device: str | t
 
 
 def _run_config(checkpoint: str | Path) -> dict:
+    """The training config of a run's checkpoint, or the data recipe a released checkpoint records."""
+    if str(checkpoint) in list_pretrained():
+        entry = pretrained_entry(str(checkpoint))
+        return {"data": entry.manifest.get("data") or {}}
     config = Path(checkpoint).resolve().parent.parent / "config.yaml"
     return yaml.safe_load(config.read_text()) if config.is_file() else {}
 
@@ -293,7 +306,7 @@ def _default_name(checkpoint: Path) -> str:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m explain.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", nargs="+", required=True, help="[NAME=]PATH of Lightning checkpoints")
+    p.add_argument("--checkpoint", nargs="+", required=True, help="[NAME=]SOURCE: a released name (models.list_pretrained()), a zoo file or a Lightning checkpoint")
     p.add_argument("--model-class", default=None, help="class path when the checkpoint does not tell it")
     p.add_argument("--methods", nargs="+", default=["intrinsic", "gradcam", "integrated_gradients", "lime", "rise"])
     p.add_argument("--model-methods", nargs="*", default=[], help="NAME=m1,m2: other methods for model NAME")

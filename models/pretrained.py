@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "pretrained_entry",
     "CheckpointError",
     "PretrainedEntry",
     "register_pretrained",
@@ -86,7 +87,8 @@ def _manifest() -> dict[str, Any]:
     return json.loads(MANIFEST.read_text()).get("checkpoints", {})
 
 
-def _entry(name: str) -> PretrainedEntry:
+def pretrained_entry(name: str) -> PretrainedEntry:
+    """The declared entry of a released checkpoint, with its manifest record (file, sha256, metrics, data)."""
     if name not in _ENTRIES:
         raise CheckpointError(f"no pretrained checkpoint named {name!r}; available: {', '.join(sorted(_ENTRIES)) or 'none'}")
     entry = _ENTRIES[name]
@@ -100,7 +102,7 @@ def list_pretrained(print_table: bool = False) -> list[str]:
     if print_table:
         rows = []
         for n in names:
-            e = _entry(n)
+            e = pretrained_entry(n)
             acc = e.metrics.get("test_acc")
             rows.append((n, e.class_path.rsplit(".", 1)[-1], e.dataset, f"{100 * acc:.1f}" if acc is not None else "-",
                          "yes" if e.file and e.file.is_file() else "no"))
@@ -195,7 +197,7 @@ def load_pretrained(name_or_path: str | os.PathLike, check_hash: bool = True, ma
     name_or_path = str(name_or_path)
     expected = None
     if name_or_path in _ENTRIES:
-        entry = _entry(name_or_path)
+        entry = pretrained_entry(name_or_path)
         expected = entry.sha256
         if entry.file is not None and entry.file.is_file():
             path = entry.file

@@ -82,6 +82,25 @@ def test_load_model_from_run_folder(tmp_path):
     assert type(load_model(path, "models.CAMNet")).__name__ == "CAMNet"
 
 
+def test_load_model_from_zoo_file_and_released_name(tmp_path, monkeypatch):
+    from models import pretrained
+    from models.pretrained import PretrainedEntry, save_zoo_checkpoint, sha256_of
+
+    model, _ = _checkpoint(tmp_path)
+    file = save_zoo_checkpoint(model, tmp_path / "tiny.pt")
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(load_model(file)(x), model(x))  # no run folder needed: the file names its class
+
+    entry = PretrainedEntry(name="tiny_cam.test", class_path="models.cam.CAMNet", dataset="-", config="-")
+    monkeypatch.setitem(pretrained._ENTRIES, "tiny_cam.test", entry)
+    record = {"file": str(file), "sha256": sha256_of(file), "data": {"init_args": DATA}}
+    monkeypatch.setattr(pretrained, "_manifest", lambda: {"tiny_cam.test": record})
+    torch.testing.assert_close(load_model("tiny_cam.test")(x), model(x))
+    from explain.compare import _run_config
+
+    assert _run_config("tiny_cam.test")["data"]["init_args"] == DATA  # the data recipe the release recorded
+
+
 def test_main_end_to_end(tmp_path):
     _, path = _checkpoint(tmp_path)
     out = tmp_path / "out"
