@@ -85,10 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     names = args.names or [n for n in models.list_pretrained() if n.endswith(".synthparts")]
     extra = ["--trainer.max_epochs", str(args.max_epochs)] if args.max_epochs else []
-    manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {"checkpoints": {}}
     with tempfile.TemporaryDirectory() as work:
         for name in names:
             record = build(name, Path(work), extra, args.run_dir)
+            # Read just before writing: another build may have released an entry meanwhile.
+            manifest = json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {"checkpoints": {}}
             manifest["checkpoints"][name] = record
             MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             print(f"{name}: test acc {100 * record['metrics']['test_acc']:.2f}%, {record['size_bytes'] / 1e6:.1f} MB")
