@@ -108,3 +108,57 @@ def test_cub_parser_accepts_or_rejects_cleanly(cub_template, file, line, action,
             message = str(exc)
             assert "\n" not in message.strip()  # one line
             assert "CUB" in message  # names the folder or file at fault
+
+
+# ---------------------------------------------------------------------------- ProtoPNet schedule
+from models.protopnet import PHASES, check_schedule, protopnet_schedule  # noqa: E402
+
+small = st.integers(-3, 12)
+
+
+@st.composite
+def _near_valid(draw):
+    """A bounded schedule that ends on a push, then perhaps one value nudged by -1..1."""
+    warm, push_every = draw(st.integers(0, 5)), draw(st.integers(1, 4))
+    push_start = warm + draw(st.integers(0, 4))
+    first = -(-push_start // push_every) * push_every  # first push epoch
+    values = [warm, push_start, push_every, draw(st.integers(1, 3)), first + push_every * draw(st.integers(0, 2)) + 1]
+    i = draw(st.integers(0, 9))
+    if i < 5:
+        values[i] += draw(st.integers(-1, 1))
+    return tuple(values)
+
+
+@FUZZ
+@given(st.tuples(small, small, small, small, st.none() | st.integers(-3, 30)) | _near_valid())
+def test_protopnet_schedule_is_consistent_or_rejected(schedule):
+    """Every Lightning epoch has one phase; pushes only after warm-up, each followed by exactly its
+    `last` last-layer epochs; the official epochs run in order -- or a ValueError, nothing else."""
+    warm, push_start, push_every, last, total = schedule
+    try:
+        check_schedule(warm, push_start, push_every, last, total)
+    except ValueError as error:
+        assert "\n" not in str(error) and "=" in str(error)  # one line naming key=value
+        with pytest.raises(ValueError):
+            protopnet_schedule(0, warm, push_start, push_every, last, total)
+        return
+    # Brute-force reference: unroll the official loop.
+    expected = []  # (phase, official epoch, push)
+    official = range(total) if total is not None else range(40)
+    for e in official:
+        expected.append(("warm" if e < warm else "joint", e, False))
+        if e >= push_start and e % push_every == 0:
+            expected += [("last", e, i == 0) for i in range(last)]
+    plans = [protopnet_schedule(t, warm, push_start, push_every, last, total) for t in range(len(expected) + 3)]
+    assert [(p.phase, p.epoch, p.push) for p in plans[:len(expected)]] == expected
+    assert all(p.phase in PHASES for p in plans)
+    for t, p in enumerate(plans[:len(expected)]):
+        if p.push:
+            assert p.epoch >= warm and p.epoch >= push_start and plans[t - 1].phase != "last"
+        if p.phase == "last" and not p.push:
+            assert plans[t - 1].phase == "last" and plans[t - 1].epoch == p.epoch  # follows its push
+    if total is not None:  # after the schedule: last layer only, no push; it ended on a push
+        assert all(p.phase == "last" and not p.push for p in plans[len(expected):])
+        assert expected[-1][0] == "last" and any(push for _, _, push in expected)
+        joint = sum(phase == "joint" for phase, _, _ in expected)
+        assert plans[len(expected)].joint_epochs == joint >= 1

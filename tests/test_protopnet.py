@@ -309,3 +309,132 @@ def test_bad_arguments_are_one_clear_error():
         _model(num_classes=1)
     with pytest.raises(ValueError, match="not group_lr"):
         _model(group_lr={"backbone": 1.0}).configure_optimizers()
+
+
+@pytest.mark.parametrize("schedule, message", [
+    (dict(num_warm_epochs=5, push_start=3), "push_start=3 < num_warm_epochs=5"),
+    (dict(num_warm_epochs=5, push_start=10, num_train_epochs=5), "num_train_epochs=5 <= num_warm_epochs=5"),
+    (dict(num_warm_epochs=-1), "num_warm_epochs=-1 must be >= 0"),
+    (dict(push_every=0), "push_every=0 must be >= 1"),
+    (dict(last_layer_epochs=-2), "last_layer_epochs=-2 must be >= 1"),
+    (dict(push_start=20, num_train_epochs=11), "num_train_epochs=11 must end with a push epoch"),
+    (dict(push_start=2.5), "push_start=2.5 must be an integer"),
+])
+def test_impossible_schedules_are_one_line_errors(schedule, message):
+    with pytest.raises(ValueError, match=message) as error:
+        _model(**schedule)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=message):  # the pure schedule function rejects them too
+        protopnet_schedule(0, **schedule)
+    with pytest.raises(ValueError, match="lightning_epoch=-1"):
+        protopnet_schedule(-1)
+
+
+# ------------------------------------------------------------------------------ speed switches
+@pytest.mark.parametrize("builder", ["protopnet_test_resnet", "cam_test_resnet"])
+def test_channels_last_gives_the_same_logits(builder):
+    images = _data(n=4)[0]
+    models = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        models[flag] = create_model(builder, num_classes=3, stage=2, channels_last=flag).eval()
+        models[flag].apply_speed_options()
+    fast = models[True]
+    conv = next(m for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.normalize(images).is_contiguous(memory_format=torch.channels_last)
+    assert not next(m for m in models[False].modules() if isinstance(m, torch.nn.Conv2d)).weight.is_contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(images), models[False](images), atol=1e-5, rtol=1e-5)
+    fast.apply_speed_options()  # idempotent
+    assert fast.state_dict().keys() == models[False].state_dict().keys()
+
+
+def test_trainer_applies_the_speed_options():
+    import lightning.pytorch as pl
+
+    model = _model(channels_last=True)
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.predict(model, dataloaders=_loader(*_data(n=4), batch_size=4))
+    conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert model.normalize.channels_last and conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+_compile_ok = hasattr(torch, "compile") and torch._dynamo.is_dynamo_supported()
+
+
+@pytest.mark.skipif(not _compile_ok, reason="torch.compile is not available here")
+def test_compile_backbone_is_applied_in_place():
+    model, plain = _model(compile_backbone=True), _model()
+    model.apply_speed_options()
+    assert model.backbone._compiled_call_impl is not None and plain.backbone._compiled_call_impl is None
+    assert model.state_dict().keys() == plain.state_dict().keys()  # checkpoints unchanged (no _orig_mod.)
+    compiled = model.backbone._compiled_call_impl
+    model.apply_speed_options()
+    assert model.backbone._compiled_call_impl is compiled  # idempotent
+
+
+@pytest.mark.skipif(not _compile_ok, reason="torch.compile is not available here")
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("InductorError: no C++ compiler\nlong trace")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model, plain = _model(compile_backbone=True), _model()
+    model.apply_speed_options()
+    images = _data(n=3)[0]
+    with pytest.warns(UserWarning, match="torch.compile of Backbone failed .*no C\\+\\+ compiler.*running it eagerly"):
+        with torch.no_grad():
+            logits = model(images)
+    assert model.backbone._compiled_call_impl is None  # later calls go straight to eager
+    with torch.no_grad():
+        torch.testing.assert_close(logits, plain(images))
+        torch.testing.assert_close(model(images), plain(images))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _compile_ok, reason="torch.compile is not available here")
+def test_compiled_backbone_gives_the_same_logits():
+    model, plain = _model(compile_backbone=True), _model()
+    model.apply_speed_options()
+    images = _data(n=2)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), plain(images), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- mixed precision
+def test_bf16_autocast_keeps_distances_and_push_in_float32():
+    images, labels = _data(n=24, k=3)
+    reference, mixed = _model(), _model()
+    with torch.no_grad():
+        exact = reference.distances(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            approx = mixed.distances(images)
+            plain_bf16 = reference.backbone(reference.normalize(images))
+    assert plain_bf16.dtype == torch.bfloat16  # autocast is really on for the trunk ...
+    assert approx.dtype == torch.float32  # ... but the distances are not in bf16
+    # bf16 trunk: relative error ~2^-8 of the latent values, so distances within ~1% of D-scale values.
+    torch.testing.assert_close(approx, exact, atol=0.02 * exact.max().item(), rtol=0.02)
+
+    reference.push(_loader(images, labels))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed.push(_loader(images, labels))
+    assert mixed.prototype_vectors.dtype == mixed.prototype_distance.dtype == torch.float32
+    # Every bf16-pushed prototype is a latent patch of its own class whose float32 distance is within
+    # float tolerance of the float32 optimum (a near-tie may pick another patch, never a far one).
+    with torch.no_grad():
+        z = reference.latent(images)  # float32 latent maps
+    for j in range(mixed.num_prototypes):
+        b, (r, c) = int(mixed.prototype_source_index[j]), mixed.prototype_position[j].tolist()
+        assert labels[b] == mixed.prototype_classes[j]
+        patch = z[b, :, r, c]
+        torch.testing.assert_close(mixed.prototype_vectors[j, :, 0, 0], patch, atol=2e-2, rtol=2e-2)
+        original = _model().prototype_vectors[j, :, 0, 0]
+        chosen = (patch - original).pow(2).sum()
+        assert chosen <= reference.prototype_distance[j] + 0.02 * reference.prototype_distance[j] + 1e-3
+    same = (mixed.prototype_source_index == reference.prototype_source_index) & \
+        (mixed.prototype_position == reference.prototype_position).all(dim=1)
+    assert same.float().mean() >= 0.5

@@ -370,3 +370,16 @@ def test_resume_in_the_last_layer_phase_rebuilds_the_cache(cached_runs, tmp_path
     assert calls.builds == {4: 1} and calls.calls.get(4, 0) == calls.calls.get(5, 0) == 0
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_cli_rejects_an_impossible_schedule_before_training(repo_root, tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(repo_root))
+    result = subprocess.run([sys.executable, str(repo_root / "train.py"), "fit", "--config", "configs/protopnet/synthetic.yaml",
+                             "--model.init_args.push_start", "0", "--trainer.logger", "false",
+                             "--runs_root", str(tmp_path), "--name", "bad"],
+                            cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    # (jsonargparse re-raises it wrapped, with the whole config; the cause is our one line.)
+    line = "ValueError: ProtoPNet schedule: push_start=0 < num_warm_epochs=1: the first push must come after warm-up"
+    assert line in result.stderr.splitlines(), result.stderr[-2000:]
+    assert "Epoch 0" not in result.stdout + result.stderr and not (tmp_path / "bad").exists()
