@@ -121,8 +121,11 @@ def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: 
     figures: list[tuple[str, Any]] = []
     examples = images[:num_images] if images is not None else None
     if kind == "ProtoPNet":
-        figures.append(("Prototypes, drawn from the checkpoint's stored patches, with their class and largest "
-                        "last-layer weights.", viz.prototype_gallery(model, class_names=class_names, max_prototypes=60)))
+        size = images.shape[-1] if images is not None else None
+        figures.append(("Prototypes, drawn from the checkpoint's stored patches, with their class, largest "
+                        "last-layer weights and the image that maximises each one's similarity (100 steps).",
+                        viz.prototype_gallery(model, class_names=class_names, max_prototypes=60, maximize_steps=100,
+                                              maximize_size=size)))
     if kind == "ProtoTree":
         figures.append(("The whole tree: each decision node's prototype, each leaf's class distribution.",
                         viz.tree_figure(model, class_names)))

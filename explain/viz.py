@@ -262,14 +262,17 @@ def _source_images(source, indices: Sequence[int]) -> torch.Tensor:
 
 
 def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[str] | None = None, columns: int = 10,
-                      source=None, top_weights: int = 2) -> Figure:
+                      source=None, top_weights: int = 2, maximize_steps: int = 0, maximize_size: int | None = None) -> Figure:
     """Every stored prototype patch with its class and largest last-layer weights.
 
     Reads only the model's buffers (ProtoPNet: ``prototype_patch``, ``prototype_class_identity``,
     ``prototype_source_index``, ``prototype_mask``; ProtoTree: the kept nodes' patches), so a checkpoint
     alone draws its prototypes; pruned prototypes are left out. With `source` (the push images as a
     tensor, loader or dataset, indexed by sample index) each patch gets its source image beside it,
-    with the receptive field (cyan) and the high-activation box (yellow).
+    with the receptive field (cyan) and the high-activation box (yellow). With `maximize_steps` > 0 each
+    prototype also gets the image that maximises its similarity (`explain.maximize`, Simonyan et al.'s
+    class-model visualisation applied to a prototype), `maximize_size` px square (default: the source
+    images' size, else 64).
     """
     records = _prototype_records(model)[:max_prototypes]
     pushed = [r for r in records if r["source"] >= 0]
@@ -277,7 +280,16 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     if source is not None and pushed:
         ids = sorted({r["source"] for r in pushed})
         sources = dict(zip(ids, _source_images(source, ids)))
-    per = 2 if sources else 1
+    maximized = {}
+    if maximize_steps > 0 and records:
+        from explain.maximize import maximize, prototype_similarity  # noqa: PLC0415 (maximize imports viz's neighbours)
+
+        size = maximize_size or (next(iter(sources.values())).shape[-1] if sources else 64)
+        ids = [r["id"] for r in records]
+        result = maximize(model, prototype_similarity(ids), image_size=size, batch_size=len(ids), steps=maximize_steps)
+        maximized = dict(zip(ids, result.image.cpu()))
+    extra = [kind for kind, present in (("source", sources), ("maximized", maximized)) if present]
+    per = 1 + len(extra)
     n = max(len(records), 1)
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
@@ -296,12 +308,17 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
             ax.set_xlabel("\n".join(f"w {_class_name(c, class_names)} {v:+.2f}" for v, c in
                                      zip(top.values.tolist(), top.indices.tolist())), fontsize=6)
         if r["source"] in sources:
-            src = axes[row, col * per + 1]
+            src = axes[row, col * per + 1 + extra.index("source")]
             src.axis("on")
             _show(src, sources[r["source"]], f"source #{r['source']}")
             _draw_box(src, r["rf_box"], RF_COLOR)
             _draw_box(src, r["box"], ACTIVATION_COLOR)
+        if r["id"] in maximized:
+            ax = axes[row, col * per + 1 + extra.index("maximized")]
+            ax.axis("on")
+            _show(ax, maximized[r["id"]], "maximised")
     what = "prototype patches" + (" with source images (cyan: receptive field, yellow: high activation)" if sources else "")
+    what += " and the images that maximise them" if maximized else ""
     return _finish(fig, f"{type(model).__name__}: {len(records)} {what}")
 
 

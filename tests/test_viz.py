@@ -145,6 +145,24 @@ def test_prototype_gallery_is_drawn_from_the_checkpoint_alone(protopnet):
     plt.close(fig)
 
 
+def test_prototype_gallery_shows_each_prototypes_maximising_image(protopnet, data):
+    from explain.maximize import prototype_similarity
+
+    fig = viz.prototype_gallery(protopnet, source=data.images, columns=3, maximize_steps=5)
+    tiles = _image_axes(fig)
+    assert len(tiles) == 3 * 6  # patch, source, maximised image per prototype
+    grey = protopnet.normalize.mean.reshape(1, 3, 1, 1).expand(6, 3, 32, 32)  # maximize's start: the mean colour
+    start = prototype_similarity(list(range(6)))(protopnet, grey)
+    for j, ax in enumerate(tiles[2::3]):
+        assert ax.get_title() == "maximised"
+        shown = torch.from_numpy(np.asarray(ax.images[0].get_array())).permute(2, 0, 1).float()[None]
+        assert shown.shape[-1] == data.images.shape[-1]  # the source images' size
+        # the drawn image (as shown, 8-bit) scores its prototype higher than the start image
+        assert prototype_similarity(j)(protopnet, shown)[0] > start[j]
+    assert "maximise" in _suptitle(fig)
+    plt.close(fig)
+
+
 def test_prototype_gallery_with_source_images_and_pruning(protopnet, data, loader):
     model = create_model("protopnet_test_resnet", num_classes=3, stage=2)
     model.load_state_dict(protopnet.state_dict())
