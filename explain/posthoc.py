@@ -18,6 +18,10 @@ Notes:
   inference mode the gradient methods raise `InferenceModeError`; perturbation methods (occlusion, LIME,
   Kernel SHAP, Score-CAM, RISE) and ``"intrinsic"`` still work.
 - Every hook is removed when a method returns or raises.
+- Methods that batch work retry with smaller batches on a CUDA out-of-memory error, with a warning
+  (``models.chunking``): the perturbation methods (occlusion, LIME, Kernel SHAP, Score-CAM, RISE)
+  split the perturbed copies they evaluate, integrated gradients halves its steps per pass. The
+  maps are those of one big batch (up to float summation order).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.chunking import AdaptiveChunks, retry_with_smaller_batch
 
 __all__ = [
     "InferenceModeError",
@@ -242,6 +248,13 @@ def _target_probability(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return torch.softmax(model(x).float(), dim=1).gather(1, target[:, None])[:, 0]
 
 
+def _chunked(model: nn.Module, what: str) -> Callable[[Tensor], Tensor]:
+    """The model as a forward function that splits its input when it runs out of CUDA memory (for
+    captum's perturbation methods, which evaluate many perturbed copies per call)."""
+    chunks = AdaptiveChunks(what=what)
+    return lambda x: chunks(model, x)
+
+
 # ----------------------------------------------------------------------------- CAM family (native)
 @register_method("gradcam", gradient=True, layer=True)
 def _gradcam(model, images, target, layer) -> Tensor:
@@ -288,15 +301,21 @@ def _scorecam(model, images, target, layer, batch_size: int = 64) -> Tensor:
         model(images)
     activations = outputs[-1].float()
     base = baseline_colour(model, images)
+    chunks = AdaptiveChunks(batch_size, "Score-CAM")
     maps = []
     for b in range(len(images)):
         up = F.interpolate(activations[b:b + 1], size=size, mode="bilinear", align_corners=False)[0]
         lo, hi = up.amin(dim=(1, 2), keepdim=True), up.amax(dim=(1, 2), keepdim=True)
         masks = (up - lo) / torch.where(hi > lo, hi - lo, 1.0)
         weights = up.new_zeros(len(up))
-        for k in (hi > lo).flatten().nonzero()[:, 0].split(batch_size):
+
+        def masked_probability(k: Tensor) -> Tensor:  # the image masked by channels k, scored
             x = base + (images[b] - base) * masks[k][:, None]
-            weights[k] = _target_probability(model, x, target[b].expand(len(k)))
+            return _target_probability(model, x, target[b].expand(len(k)))
+
+        varying = (hi > lo).flatten().nonzero()[:, 0]
+        if len(varying):
+            weights[varying] = chunks(masked_probability, varying)
         maps.append(F.relu((weights[:, None, None] * up).sum(0)))
     return torch.stack(maps)
 
@@ -344,11 +363,14 @@ def _rise(
     grid, dy, dx = _draw_rise_masks(n_masks, cells, cell, p1, generator, images.device)
     base = baseline_colour(model, images)
     saliency = images.new_zeros(batch, height, width, dtype=torch.float32)
-    for chunk in torch.arange(n_masks, device=images.device).split(max(1, batch_size // batch)):
-        m = _render_rise_masks(grid[chunk], dy[chunk], dx[chunk], (height, width), cell)
+
+    def add_masks(grid: Tensor, dy: Tensor, dx: Tensor) -> None:
+        m = _render_rise_masks(grid, dy, dx, (height, width), cell)
         x = base + (images[:, None] - base[:, None]) * m[None, :, None].to(images.dtype)
         probs = _target_probability(model, x.flatten(0, 1), target.repeat_interleave(len(m))).view(batch, len(m))
-        saliency += torch.einsum("bn,nhw->bhw", probs, m)
+        saliency.add_(torch.einsum("bn,nhw->bhw", probs, m))  # last: a chunk that fails adds nothing
+
+    AdaptiveChunks(max(1, batch_size // batch), "RISE (masks per pass)")(add_masks, grid, dy, dx)
     return saliency / (n_masks * p1)
 
 
@@ -389,10 +411,18 @@ def _integrated_gradients(
     model, images, target, layer, baselines: Tensor | float = 0.0, n_steps: int = 50, batch_size: int | None = None
 ) -> Tensor:
     """Integrated gradients (captum, Gauss-Legendre, `n_steps`), summed over channels; default
-    baseline 0 (a black image for zoo models). `batch_size` = captum's internal_batch_size."""
+    baseline 0 (a black image for zoo models). `batch_size` = captum's internal_batch_size (None = all
+    steps of all images in one pass), halved on out-of-memory down to one step per pass."""
     ig = _captum().IntegratedGradients(model)
-    out = ig.attribute(images, baselines=baselines, target=target, n_steps=n_steps, internal_batch_size=batch_size)
-    return out.sum(dim=1)
+    everything = n_steps * len(images)
+
+    def run(size: int) -> Tensor:
+        internal = None if size >= everything else size
+        return ig.attribute(images, baselines=baselines, target=target, n_steps=n_steps, internal_batch_size=internal)
+
+    # captum passes at least one step of every image (internal_batch_size >= B)
+    start = min(batch_size or everything, everything)
+    return retry_with_smaller_batch(run, max(start, len(images)), "integrated gradients", minimum=len(images)).sum(dim=1)
 
 
 @register_method("guided_backprop", gradient=True)
@@ -416,7 +446,7 @@ def _occlusion(model, images, target, layer, window: int | None = None, stride: 
     window = window or max(1, height // 8)
     stride = stride or max(1, window // 2)
     base = baseline_colour(model, images).expand_as(images).contiguous()
-    out = _captum().Occlusion(model).attribute(
+    out = _captum().Occlusion(_chunked(model, "occlusion")).attribute(
         images, sliding_window_shapes=(channels, window, window), strides=(channels, stride, stride),
         baselines=base, target=target, perturbations_per_eval=batch_size,
     )
@@ -426,7 +456,7 @@ def _occlusion(model, images, target, layer, window: int | None = None, stride: 
 def _superpixel_method(cls_name: str, model, images, target, cells, n_samples, batch_size, **extra) -> Tensor:
     segments = grid_segments(images.shape[2], images.shape[3], cells, images.device)[None, None]
     base = baseline_colour(model, images).expand_as(images).contiguous()
-    explainer = getattr(_captum(), cls_name)(model, **extra)
+    explainer = getattr(_captum(), cls_name)(_chunked(model, {"Lime": "LIME"}.get(cls_name, "Kernel SHAP")), **extra)
     out = explainer.attribute(
         images, baselines=base, target=target, feature_mask=segments.expand(images.shape[0], images.shape[1], -1, -1),
         n_samples=n_samples, perturbations_per_eval=batch_size,

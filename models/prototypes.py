@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .backbones import ReceptiveField
+from .chunking import AdaptiveChunks
 
 __all__ = [
     "NearestPatches",
@@ -207,8 +208,10 @@ class PushSearch:
         sel = ids[local]
         src = latent[cand_b[local]]  # (n, D, h, w)
         new = src.flatten(2)[torch.arange(len(sel), device=device), :, cand_pos[local]]  # (n, D)
-        self.vectors[sel] = new
-        self.dmap[sel] = (src - new[:, :, None, None]).pow(2).sum(dim=1)
+        new_map = (src - new[:, :, None, None]).pow(2).sum(dim=1)
+        # Every allocation is above: an out-of-memory error leaves the search as it was, so the
+        # batch can be split and searched again (`push_prototypes`).
+        self.vectors[sel], self.dmap[sel] = new, new_map
         self.distance[sel], self.index[sel], self.flat_pos[sel] = cand_d[local], cand_idx[local], cand_pos[local]
 
     def result(self) -> PushResult:
@@ -252,13 +255,18 @@ def push_prototypes(
 
     Under torch.distributed each rank searches its shard and the minima are all-gathered, so every
     rank ends with identical results. Ties are broken by the smallest sample index, then the
-    smallest (row, col), independently of batch size, data order and sharding.
+    smallest (row, col), independently of batch size, data order and sharding; so a batch that runs
+    out of CUDA memory is split in halves and searched again (with a warning, once), same result.
     """
     device = torch.device(device) if device is not None else prototypes.device
     search = PushSearch(prototypes.detach().to(device), allowed_classes)
-    for batch in loader:
-        images, labels, index = _unpack_indexed(batch)
+
+    def search_batch(images: Tensor, labels: Tensor, index: Tensor) -> None:
         search.update(latent_fn(images.to(device, non_blocking=True)), labels, index)
+
+    chunks = AdaptiveChunks(what="push")
+    for batch in loader:
+        chunks(search_batch, *_unpack_indexed(batch))
     return search.result()
 
 
@@ -422,7 +430,8 @@ def nearest_patches(
     """k nearest images (by their nearest patch) of every prototype over one pass, vectorised.
 
     This is ProtoPNet's `find_nearest` (global analysis and pruning) without its Python double loop.
-    Under torch.distributed the per-rank lists are gathered and merged.
+    Under torch.distributed the per-rank lists are gathered and merged. A batch that runs out of CUDA
+    memory is split in halves (with a warning, once); the lists do not depend on batch size.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -435,18 +444,23 @@ def nearest_patches(
     pos = torch.full((num_protos, k), -1, dtype=torch.long, device=device)
     lab = torch.full((num_protos, k), -1, dtype=torch.long, device=device)
     width = 1
-    for batch in loader:
-        images, labels, index = _unpack_indexed(batch)
+
+    def merge_batch(images: Tensor, labels: Tensor, index: Tensor) -> None:
+        nonlocal d, idx, pos, lab, width
         latent = latent_fn(images.to(device, non_blocking=True))
-        width = latent.shape[-1]
         per_image, where = per_image_min(l2_distances(latent, protos))  # (B, P)
         n = per_image.shape[0]
-        d, idx, (pos, lab) = _top_k(
+        merged = _top_k(
             torch.cat([d, per_image.T], 1),
             torch.cat([idx, index.to(device).long()[None].expand(num_protos, n)], 1),
             [torch.cat([pos, where.T], 1), torch.cat([lab, labels.to(device).long()[None].expand(num_protos, n)], 1)],
             k,
         )
+        (d, idx, (pos, lab)), width = merged, latent.shape[-1]  # written last: a failed batch changes nothing
+
+    chunks = AdaptiveChunks(what="nearest patches")
+    for batch in loader:
+        chunks(merge_batch, *_unpack_indexed(batch))
     if _world() > 1:
         width = int(_all_gather(torch.tensor(width, device=device)).max())
         cat = lambda t: _all_gather(t).permute(1, 0, 2).reshape(num_protos, -1)  # noqa: E731
