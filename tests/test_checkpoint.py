@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from models import CAMNet, NonFiniteLossError
+from train.resume import AtomicCheckpointIO
 
 
 def _loader(n=16, classes=3, size=32):
@@ -74,3 +75,69 @@ def test_skip_nonfinite_batches_leaves_no_trace(tmp_path):
     for (name, a), b in zip(skipped.state_dict().items(), reference.state_dict().values()):
         if "num_batches_tracked" not in name:
             assert torch.allclose(a, b, atol=1e-6), name
+
+
+def _poison_call(model, call: int):
+    """Make the `call`-th training loss NaN (cross-entropy and total), as a diverging run would."""
+    compute, calls = model.compute_losses, []
+
+    def poisoned(images, labels):
+        logits, losses = compute(images, labels)
+        if model.training:
+            calls.append(1)
+            if len(calls) == call:
+                nan = losses["cross_entropy"] * float("nan")
+                losses = dict(losses, loss=nan, cross_entropy=nan)
+        return logits, losses
+
+    model.compute_losses = poisoned
+
+
+class _LastCheckpointBytes(pl.Callback):
+    """The bytes of last.ckpt as each epoch starts."""
+
+    def __init__(self, path):
+        self.path, self.seen = path, {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.path.exists():
+            self.seen[trainer.current_epoch] = self.path.read_bytes()
+
+
+def _fit_with_nan_at_step(tmp_path, skip_nonfinite):
+    torch.manual_seed(0)
+    model = CAMNet(num_classes=3, backbone="test_resnet", lr=1e-2, skip_nonfinite=skip_nonfinite)
+    _poison_call(model, 5)  # 3 batches an epoch: the 2nd batch of epoch 1, global step 4
+    last = tmp_path / "last.ckpt"
+    spy = _LastCheckpointBytes(last)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
+                         callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True), spy])
+    return model, trainer, spy, last
+
+
+def test_nan_stop_keeps_the_last_good_checkpoint_unchanged(tmp_path):
+    model, trainer, spy, last = _fit_with_nan_at_step(tmp_path, skip_nonfinite=False)
+    with pytest.raises(NonFiniteLossError, match=r"train loss term\(s\) loss, cross_entropy at global step 4 \(epoch 1\)"):
+        trainer.fit(model, _loader(24))
+    # last.ckpt is the one written at the end of epoch 0, to the byte, and it loads.
+    assert last.read_bytes() == spy.seen[1]
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and saved["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    loaded = CAMNet.load_from_checkpoint(last, map_location="cpu").eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.isfinite(loaded(x)).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch=0-step=3.ckpt", "last.ckpt"]  # no half files
+
+
+def test_skip_nonfinite_completes_the_run_past_the_nan(tmp_path):
+    model, trainer, _, last = _fit_with_nan_at_step(tmp_path, skip_nonfinite=True)
+    with pytest.warns(UserWarning, match="skipping training batch at global step 4: non-finite loss, cross_entropy"):
+        trainer.fit(model, _loader(24))
+    assert model.skipped_batches == 1
+    # Lightning still counts the skipped batch's optimiser step (which found no gradients to apply).
+    assert trainer.current_epoch == 2 and trainer.global_step == 6
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 1 and saved["global_step"] == 6
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
