@@ -190,11 +190,18 @@ def explanation_grid(
 
 # ------------------------------------------------------------------------------------ output, logging
 def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Save a figure (format from the suffix), creating folders, and close it."""
+    """Save a figure (format from the suffix), creating folders, and close it.
+
+    Written to a temporary file, then renamed: a crash while drawing never leaves a half file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # same suffix: matplotlib picks the format from it
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path
 
 

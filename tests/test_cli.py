@@ -107,3 +107,13 @@ def test_wrong_type_and_unknown_backbone_fail_before_training(repo_root, tmp_pat
     assert result.returncode != 0
     assert "unknown backbone 'resnet_nope'" in result.stderr
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained, nothing written
+
+
+def test_trainer_gets_crash_safe_checkpoints_and_the_resume_hooks(tmp_path):
+    from train.cli import ZooCLI
+    from train.resume import AtomicCheckpointIO, EpochStartAfterResume
+
+    cli = ZooCLI(args=["--config", "configs/cam/synthetic.yaml", "--trainer.logger", "false",
+                       "--runs_root", str(tmp_path)], run=False, parser_kwargs={"default_env": False})
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert sum(isinstance(c, EpochStartAfterResume) for c in cli.trainer.callbacks) == 1

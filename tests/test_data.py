@@ -360,6 +360,10 @@ def test_load_image_modes(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not an image at all")
     with pytest.raises(ImageLoadError, match=r"cannot read image '.*bad\.png': "):
         load_image(tmp_path / "bad.png")
+    (tmp_path / "empty.jpg").write_bytes(b"")  # a 0-byte file
+    with pytest.raises(ImageLoadError, match=r"cannot read image '.*empty\.jpg': ") as err:
+        load_image(tmp_path / "empty.jpg")
+    assert "\n" not in str(err.value)
 
 
 def test_image_folder_single_folder_split(tmp_path):

@@ -245,8 +245,6 @@ def test_protopnet_resumed_mid_epoch_ends_like_the_uninterrupted_run(tmp_path):
         assert torch.equal(model.state_dict()[name], value), name
 
 
-@pytest.mark.xfail(strict=True, reason="explain.viz.save_figure writes the push gallery in place; it needs a "
-                   "temporary file + os.replace like AtomicCheckpointIO (explain/viz.py is outside this change)")
 def test_push_gallery_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
 

@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from models.base import InterpretableClassifier
 
-from .resume import AtomicCheckpointIO
+from .resume import AtomicCheckpointIO, EpochStartAfterResume
 
 __all__ = ["ZooCLI", "main"]
 
@@ -74,11 +74,14 @@ class ZooCLI(LightningCLI):
                 spec.init_args.dirpath = str(Path(run_dir) / "checkpoints")
 
     def instantiate_trainer(self, **kwargs: Any):
-        """The trainer, with crash-safe checkpoint files unless the config names its own CheckpointIO."""
+        """The trainer, with crash-safe checkpoint files unless the config names its own CheckpointIO, and
+        the epoch-start hooks that Lightning skips on some resumes (`EpochStartAfterResume`)."""
         trainer = super().instantiate_trainer(**kwargs)
         connector = trainer._accelerator_connector
         if getattr(connector, "checkpoint_io", None) is None:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, EpochStartAfterResume) for c in trainer.callbacks):
+            trainer.callbacks.append(EpochStartAfterResume())
         return trainer
 
     def after_fit(self) -> None:
