@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue as queue_module
 import resource
 import sys
 import time
@@ -83,16 +84,21 @@ def _run(name: str, cfg: dict, queue: mp.Queue) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a small problem (seconds)")
+    parser.add_argument("--quick", action="store_true", help="a small problem in one process (seconds)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    cfg = dict(images=128, size=64, units=64, concepts=8, batch=32) if args.quick else \
+    cfg = dict(images=32, size=32, units=32, concepts=4, batch=16) if args.quick else \
         dict(images=500, size=112, units=128, concepts=20, batch=50)
     cfg.update(device=args.device, threads=args.threads)
     ctx = mp.get_context("spawn")
     results = {}
     for name in ("ours", "reference"):
+        if args.quick:  # a smoke run: in this process (peak memory is then not per variant)
+            local: queue_module.Queue = queue_module.Queue()
+            _run(name, cfg, local)
+            results[name] = local.get()
+            continue
         queue = ctx.Queue()
         proc = ctx.Process(target=_run, args=(name, cfg, queue))
         proc.start()

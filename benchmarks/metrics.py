@@ -6,7 +6,7 @@ column is that variant's own (GPU: max allocated; CPU: max resident set). The AU
 compared, then the table is printed with the speed-up of the batched version.
 
     python benchmarks/metrics.py            # 4 images, step 1792 (RISE's batched evaluation: 28 steps)
-    python benchmarks/metrics.py --quick    # 1 image, 28 steps, small batch
+    python benchmarks/metrics.py --quick    # deletion only, 1 image at 64 px, small batch, one process
     python benchmarks/metrics.py --step 224 # RISE's demo step (224 steps per image)
 """
 from __future__ import annotations
@@ -96,20 +96,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--images", type=int, default=None)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=None, help="default 224 (--quick: 64)")
     p.add_argument("--step", type=int, default=None, help="pixels per step (default 224 * 8)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    a.size = a.size or (64 if a.quick else 224)
     common = {"images": a.images or (1 if a.quick else 4), "size": a.size, "step": a.step or 8 * a.size,
               "batch_size": a.batch_size or (16 if a.quick else 64), "threads": a.threads, "device": a.device}
     steps = math.ceil(a.size * a.size / common["step"]) + 1
     ctx = mp.get_context("spawn")
     rows = []
-    for metric in ("deletion", "insertion"):
+    for metric in ("deletion",) if a.quick else ("deletion", "insertion"):
         results = {}
         for variant in ("loop", "batched"):
+            if a.quick:  # a smoke run: in this process (peak memory is then not per variant)
+                results[variant] = run_variant({**common, "metric": metric, "variant": variant})
+                continue
             with ctx.Pool(1) as pool:
                 results[variant] = pool.apply(run_variant, ({**common, "metric": metric, "variant": variant},))
         diff = max(abs(x - y) for x, y in zip(results["loop"]["aucs"], results["batched"]["aucs"]))

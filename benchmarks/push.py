@@ -11,7 +11,7 @@ improvement the receptive field and the 95th-percentile box. (Its boxes come fro
 prototype's map, ours from the pushed prototype's own map, so boxes are not compared.)
 
     python benchmarks/push.py            # 2,000 images
-    python benchmarks/push.py --quick    # 200 images, 20 classes (P = 200): a smoke run
+    python benchmarks/push.py --quick    # 40 images at 64 px, 20 classes (P = 200): a smoke run
     python benchmarks/push.py --device cuda
 """
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from benchmarks.common import timed  # noqa: E402
 from models import ProtoPNet  # noqa: E402
 from models.prototypes import PushSearch, high_activation_boxes, log_similarity  # noqa: E402
 
@@ -107,46 +106,9 @@ def reference_push(model: ProtoPNet, loader, device, image_size: int) -> dict:
     return state
 
 
-# ------------------------------------------------------------------------------------ timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-
-def peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return float("nan")
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, float, object]:
-    """(wall s, CPU s of this process, peak MiB, result); CPU time is the fairer figure on a shared machine."""
-    reset_peak(device)
-    sync(device)
-    t, c = time.perf_counter(), time.process_time()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t, time.process_time() - c, peak_mib(device), out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="200 images, 20 classes: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="40 images at 64 px, 20 classes: a smoke run")
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--per-class", type=int, default=10)
@@ -158,7 +120,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     if args.quick:  # every class needs an image in the push set
-        args.images, args.classes = 200, 20
+        args.images, args.classes, args.size = 40, 20, 64
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 

@@ -1,6 +1,7 @@
 """SyntheticParts generation speed on one CPU core: images per second for a few sizes and knobs.
 
     python benchmarks/synthetic_speed.py [--n 500]
+    python benchmarks/synthetic_speed.py --quick    # 20 images at 64 px
 """
 
 from __future__ import annotations
@@ -34,16 +35,21 @@ def measure(gen: SyntheticPartsGenerator, n: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="20 images at 64 px: a smoke run")
     parser.add_argument("--n", type=int, default=500, help="images per measurement")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
     args = parser.parse_args()
-    print(f"{'size':>5} {'case':<22} {'img/s':>8} {'render img/s':>13} {'ms/img':>7}")
+    if args.quick:
+        args.n, args.sizes = 20, [64]
+    print(f"SyntheticParts generation, {args.n} images per measurement, one process")
+    print("| size | case | images/s (recipe + render) | render images/s | ms/image |")
+    print("|---|---|---|---|---|")
     for size in args.sizes:
         for name, kw in CASES:
             gen = SyntheticPartsGenerator(image_size=size, **kw)
             gen.sample(0)  # warm caches
             total, render = measure(gen, args.n)
-            print(f"{size:>5} {name:<22} {total:>8.0f} {render:>13.0f} {1000 / total:>7.2f}")
+            print(f"| {size} | {name} | {total:.0f} | {render:.0f} | {1000 / total:.2f} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ after warm-up; throughput in images/s; peak memory (CUDA) or peak RSS growth (CP
 family's step <= 1.15x the plain classifier's.
 
     python benchmarks/train_step.py                # ResNet-18, batch 32, 224 px
-    python benchmarks/train_step.py --quick        # batch 8, 64 px, few repeats
+    python benchmarks/train_step.py --quick        # batch 4, 32 px, 10 classes, 2 repeats
     python benchmarks/train_step.py --device cuda
 """
 from __future__ import annotations
@@ -87,9 +87,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
-        args.batch, args.size, args.repeats, args.classes = 8, 64, 3, 20
+        args.batch, args.size, args.repeats, args.classes = 4, 32, 2, 10
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)

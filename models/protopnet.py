@@ -264,9 +264,18 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
             + hp.l1_weight * terms["l1"]
         )
         if self.training:  # the official "p dist pair": mean pairwise squared distance of the prototypes
-            protos = self.prototype_vectors.detach().flatten(1)
-            terms["prototype_pair_distance"] = torch.cdist(protos, protos).pow(2).mean()
+            terms["prototype_pair_distance"] = self._prototype_pair_distance()
         return {"loss": total, **terms}
+
+    def _prototype_pair_distance(self) -> Tensor:
+        # O(P^2 D) per step, more than a cached last-layer step itself (P = 2000): recomputed only
+        # when the prototypes changed (an in-place update bumps the tensor's version).
+        protos = self.prototype_vectors
+        key = (protos.data_ptr(), protos._version)
+        if getattr(self, "_pair_distance", (None,))[0] != key:
+            flat = protos.detach().flatten(1)
+            self._pair_distance = (key, torch.cdist(flat, flat).pow(2).mean())
+        return self._pair_distance[1]
 
     # ---------------------------------------------------------------------------------- phases
     def plan(self, epoch: int | None = None) -> EpochPlan:
