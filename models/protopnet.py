@@ -38,6 +38,7 @@ from .prototypes import (
 )
 from .protopnet_cache import SimilarityCacheMixin
 from .protopnet_schedule import PHASES, EpochPlan, check_schedule, protopnet_schedule
+from .pretrained import PretrainedEntry, register_pretrained
 from .registry import register_model
 
 __all__ = ["EpochPlan", "PHASES", "ProtoPNet", "ProtoPNetEnsemble", "check_schedule", "protopnet_schedule"]
@@ -600,3 +601,11 @@ def protopnet_test_resnet(**kwargs: Any) -> ProtoPNet:
     kwargs.setdefault("num_classes", 4)
     kwargs.setdefault("prototypes_per_class", 2)
     return _protopnet("test_resnet", 16, **kwargs)
+
+
+register_pretrained(PretrainedEntry(
+    name="protopnet_resnet18.synthparts", class_path="models.protopnet.ProtoPNet",
+    dataset="SyntheticParts (10 classes, 64 px)", config="configs/protopnet/synthetic.yaml",
+    notes="ResNet-18 cut after layer3, 4 prototypes per class (D = 64), pushed onto the train split, last layer "
+          "optimised after the push; the file carries each prototype's patch, source index and boxes",
+))
