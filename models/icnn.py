@@ -543,6 +543,15 @@ class InterpretableCNN(InterpretableClassifier):
         weight = self.filter_loss_weight if active else 0.0
         return logits, {"loss": ce + weight * filter_loss, "cross_entropy": ce, "filter_loss": filter_loss}
 
+    def on_validation_epoch_end(self) -> None:
+        # val/acc_interpretable: validation accuracy once the filter loss is on, -1 before, so that
+        # ModelCheckpoint(monitor="val/acc_interpretable") never selects a network trained without it.
+        if self.trainer.sanity_checking:
+            return
+        active = self.filter_loss_weight > 0 and self.current_epoch >= self.filter_loss_warmup
+        acc = self.val_metrics["acc"].compute() if active else torch.full((), -1.0, device=self.device)
+        self.log("val/acc_interpretable", acc, sync_dist=False)  # compute() already syncs across ranks
+
     def _task_batch(self, batch: Any) -> Any:
         """In logistic mode the labels become 1 for `positive_class` and 0 for every other class."""
         if self.mode == "softmax":

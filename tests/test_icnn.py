@@ -363,6 +363,33 @@ def test_fit_and_weights_only_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(loaded.filter_categories(), net.filter_categories())
 
 
+def test_checkpoint_monitor_sees_accuracy_only_once_the_filter_loss_is_on(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_validation_end(self, trainer, module):
+            if trainer.sanity_checking:
+                return
+            m = trainer.callback_metrics
+            self.seen.append((float(m["val/acc_interpretable"]), float(m["val/acc"])))
+
+    torch.manual_seed(0)
+    data = [{"image": torch.rand(3, 32, 32), "label": torch.tensor(i % 2)} for i in range(8)]
+    loader = DataLoader(data, batch_size=4)
+    net = InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, filter_loss_warmup=1)
+    record = Record()
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path, callbacks=[record])
+    trainer.fit(net, loader, loader)
+    (before, _), (after, acc) = record.seen
+    assert before == -1.0  # epoch 0: no filter loss yet, never the best checkpoint
+    assert after == acc and after >= 0
+
+
 def test_filter_part_gallery_shows_the_top_images_of_each_filter():
     import matplotlib.pyplot as plt
 
