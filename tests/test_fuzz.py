@@ -162,3 +162,32 @@ def test_protopnet_schedule_is_consistent_or_rejected(schedule):
         assert expected[-1][0] == "last" and any(push for _, _, push in expected)
         joint = sum(phase == "joint" for phase, _, _ in expected)
         assert plans[len(expected)].joint_epochs == joint >= 1
+
+
+# ---------------------------------------------------------------------------- ProtoTree schedule
+from train.trees import ProtoTreePipeline, check_tree_schedule  # noqa: E402
+
+
+@FUZZ
+@given(freeze=st.integers(-3, 40), milestones=st.lists(st.integers(-3, 120), max_size=6),
+       max_epochs=st.none() | st.integers(-1, 120))
+def test_prototree_schedule_is_consistent_or_rejected(freeze, milestones, max_epochs):
+    try:
+        check_tree_schedule(freeze, milestones, max_epochs)
+    except ValueError as error:
+        assert "\n" not in str(error) and "ProtoTree schedule:" in str(error)
+        assert freeze < 0 or any(m < 1 for m in milestones) or any(b <= a for a, b in zip(milestones, milestones[1:]))
+        return
+    assert freeze >= 0 and all(m >= 1 for m in milestones) and milestones == sorted(set(milestones))
+
+
+@FUZZ
+@given(threshold=st.floats(-1, 2) | st.just(float("nan")), explanations=st.integers(-3, 5))
+def test_prototree_pipeline_arguments_accepted_or_rejected(threshold, explanations):
+    try:
+        ProtoTreePipeline(pruning_threshold=threshold, num_local_explanations=explanations)
+    except ValueError as error:
+        assert "\n" not in str(error)
+        assert not 0 <= threshold < 1 or explanations < 0
+        return
+    assert 0 <= threshold < 1 and explanations >= 0
