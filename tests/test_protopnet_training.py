@@ -286,11 +286,16 @@ class NetworkCalls(pl.Callback):
         self._in_step = False
 
 
+# Lightning epochs: 0 joint | 1 (push first), 2 last layer.
+CACHE_SCHEDULE = dict(num_warm_epochs=0, push_start=0, push_every=1, last_layer_epochs=2, num_train_epochs=1,
+                      last_layer_lr=1e-2)
+
+
 def _cached_model(cache):
     # freeze_bn_stats: the uncached path then sees the eval-mode trunk too, so both must agree.
     torch.manual_seed(0)
     return create_model("protopnet_test_resnet", num_classes=3, stage=2, freeze_bn_stats=True,
-                        cache_last_layer=cache, **SCHEDULE)
+                        cache_last_layer=cache, **CACHE_SCHEDULE)
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +306,7 @@ def cached_runs(tmp_path_factory):
         calls = NetworkCalls()
         ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         model = _cached_model(cache)
-        _trainer(tmp, 6, [calls, PrototypePush(figures=False), ckpt]).fit(model, ShuffledTinyData())
+        _trainer(tmp, 3, [calls, PrototypePush(figures=False), ckpt]).fit(model, ShuffledTinyData())
         runs[cache] = (tmp, model, calls)
     return runs
 
@@ -314,11 +319,11 @@ def test_cached_last_layer_equals_recomputing_the_network(cached_runs):
     for name, value in plain.state_dict().items():
         if not name.startswith("last_layer"):
             assert torch.equal(cached.state_dict()[name], value), name
-    # The cache is built once, right after the push (epoch 3), and the trunk never runs in a
-    # training step of a last-layer epoch (epochs 3-5); without cache it runs in every step.
-    assert calls.builds == {3: 1}
-    assert all(calls.calls.get(e, 0) == 0 for e in (3, 4, 5)) and all(calls.calls[e] == 3 for e in (0, 1, 2))
-    assert all(plain_calls.calls[e] == 3 for e in range(6)) and plain_calls.builds == {}
+    # The cache is built once, right after the push (epoch 1), and the trunk never runs in a
+    # training step of a last-layer epoch (epochs 1, 2); without cache it runs in every step.
+    assert calls.builds == {1: 1}
+    assert calls.calls.get(1, 0) == calls.calls.get(2, 0) == 0 and calls.calls[0] == 3
+    assert all(plain_calls.calls[e] == 3 for e in range(3)) and plain_calls.builds == {}
 
 
 def test_similarity_cache_rows_and_invalidation():
@@ -364,10 +369,10 @@ def test_resume_in_the_last_layer_phase_rebuilds_the_cache(cached_runs, tmp_path
     tmp, reference, _ = cached_runs[True]
     calls = NetworkCalls()
     model = _cached_model(True)
-    # The end of epoch 3 (the first cached pass): epoch 4 is a last-layer epoch without a push.
-    _trainer(tmp_path, 6, [calls, PrototypePush(figures=False)]).fit(model, ShuffledTinyData(),
-                                                                       ckpt_path=tmp / "ckpt" / "epoch=3.ckpt")
-    assert calls.builds == {4: 1} and calls.calls.get(4, 0) == calls.calls.get(5, 0) == 0
+    # The end of epoch 1 (the first cached pass): epoch 2 is a last-layer epoch without a push.
+    _trainer(tmp_path, 3, [calls, PrototypePush(figures=False)]).fit(model, ShuffledTinyData(),
+                                                                       ckpt_path=tmp / "ckpt" / "epoch=1.ckpt")
+    assert calls.builds == {2: 1} and calls.calls.get(2, 0) == 0
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
 
