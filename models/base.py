@@ -136,7 +136,6 @@ def compile_with_fallback(module: nn.Module, **compile_kwargs: Any) -> bool:
 
     # nn.Module.__call__ runs _compiled_call_impl when set (this is what nn.Module.compile does).
     module._compiled_call_impl = call
-    module._zoo_compiled = True
     return True
 
 
@@ -305,7 +304,7 @@ class InterpretableClassifier(pl.LightningModule):
             self.normalize.channels_last = True
         module = self.speed_module()
         if hp.get("compile_backbone") and module is not None and getattr(module, "_zoo_compiled", None) is None:
-            compile_with_fallback(module)
+            module._zoo_compiled = compile_with_fallback(module)  # tried once, whatever the outcome
         elif hp.get("compile_backbone") and module is None:
             rank_zero_warn(f"compile_backbone: {type(self).__name__} has no 'backbone' or 'net' module; nothing compiled")
 
