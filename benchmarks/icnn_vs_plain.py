@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--stage", type=int, default=2, help="resnet18 stage 2 = layer2: 8x8 maps at 64 px")
-    parser.add_argument("--filter-loss-weight", type=float, default=1.0)
+    parser.add_argument("--filter-loss-weight", type=float, default=0.003, help="lambda (as configs/icnn/synthetic.yaml)")
     parser.add_argument("--warmup", type=int, default=2, help="epochs before the filter loss is switched on")
     parser.add_argument("--raw-eq4", action="store_true", help="no per-filter normalisation of the Eq. 4 gradient")
     parser.add_argument("--no-clip", action="store_true", help="Eq. 4 also where log p(x|T_hat) / p(x) < 0")
