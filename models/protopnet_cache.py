@@ -4,7 +4,8 @@ In last-layer epochs the trunk, add-on and prototypes are frozen, so the min dis
 training image do not change: they are computed once (one pass over the un-augmented training
 images after each push, or when a run resumes in that phase) and the last layer trains on rows of
 that (N, P) table, looked up by the batch's ``"index"``, for all its passes. Lightning still runs
-every epoch (validation, checkpoints, epoch accounting); only the network's forward is skipped.
+every epoch (validation, checkpoints, epoch accounting); the network's forward is skipped and the
+batch's images are not copied to the device (the loader still reads them).
 
 When the cache is rebuilt: whenever a tensor it depends on changed (trunk and add-on parameters and
 buffers, prototypes, pruning mask; tracked by tensor versions) and explicitly after a push, a
@@ -19,7 +20,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from .base import unpack_batch
 from .prototypes import l2_distances
 
 __all__ = ["SimilarityCacheMixin"]
@@ -96,12 +96,22 @@ class SimilarityCacheMixin:
         self.similarity_cache, self._cache_key = cache, self._current_cache_key()
         return cache
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # A cached epoch reads only labels and indices: do not copy the images to the device.
+        if self._use_cache and self.training and isinstance(batch, dict) and "index" in batch:
+            return {key: value for key, value in batch.items() if key != "image"}
+        return batch
+
     def batch_losses(self, batch: Any, stage: str) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """In a cached last-layer epoch: the losses from the cached min distances of the batch's indices."""
         if stage != "train" or not self._use_cache:
             return super().batch_losses(batch, stage)
-        _, index = _images_and_index(batch)
-        labels = unpack_batch(batch)[1]
+        if isinstance(batch, dict):  # its images may have been dropped (on_before_batch_transfer)
+            index, labels = batch.get("index"), batch["label"]
+            if index is None:
+                raise ValueError("the last-layer cache needs batches with the sample index ('index')")
+        else:
+            (_, index), labels = _images_and_index(batch), batch[1]
         min_distances = self.similarity_cache[index.to(self.similarity_cache.device)]
         logits = self.logits_from_distances(min_distances)
         return logits, labels, self.losses_from_distances(logits, min_distances, labels)

@@ -264,10 +264,11 @@ class ShuffledTinyData(TinyData):
 
 
 class NetworkCalls(pl.Callback):
-    """Trunk forward calls made by training steps, per epoch; cache builds per epoch."""
+    """Trunk forward calls made by training steps, per epoch; cache builds per epoch; whether the
+    training batches reached the device with their images."""
 
     def __init__(self):
-        self.calls, self.builds, self._in_step = {}, {}, False
+        self.calls, self.builds, self.images, self._in_step = {}, {}, {}, False
 
     def on_fit_start(self, trainer, m):
         m.backbone.register_forward_hook(lambda *_: self._count(trainer.current_epoch))
@@ -282,8 +283,9 @@ class NetworkCalls(pl.Callback):
         if self._in_step:
             self.calls[epoch] = self.calls.get(epoch, 0) + 1
 
-    def on_train_batch_start(self, *args):
+    def on_train_batch_start(self, trainer, m, batch, batch_idx):
         self._in_step = True
+        self.images.setdefault(trainer.current_epoch, set()).add("image" in batch)
 
     def on_train_batch_end(self, *args):
         self._in_step = False
@@ -327,6 +329,8 @@ def test_cached_last_layer_equals_recomputing_the_network(cached_runs):
     assert calls.builds == {1: 1}
     assert calls.calls.get(1, 0) == calls.calls.get(2, 0) == 0 and calls.calls[0] == 3
     assert all(plain_calls.calls[e] == 3 for e in range(3)) and plain_calls.builds == {}
+    # ... nor are the images of those batches copied to the device.
+    assert calls.images == {0: {True}, 1: {False}, 2: {False}} and plain_calls.images == {e: {True} for e in range(3)}
 
 
 def test_similarity_cache_rows_and_invalidation():
