@@ -361,6 +361,13 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         self._use_cache = plan.phase == "last" and bool(self.hparams.get("cache_last_layer")) and self._prepare_cache()
         if not self._use_cache:
             self.invalidate_similarity_cache()  # outside the cached phase it is stale or unused: free it
+        self._prepared_epoch = self.current_epoch
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning does not call on_train_epoch_start when it restarts mid-epoch from a checkpoint:
+        # then the phase, learning rates and cache of the epoch are set before its first batch here.
+        if getattr(self, "_prepared_epoch", None) != self.current_epoch:
+            self.on_train_epoch_start()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
