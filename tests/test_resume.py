@@ -233,9 +233,6 @@ def test_resume_after_an_epochs_last_batch_runs_the_next_epochs_start_hooks(tmp_
         assert torch.equal(model.state_dict()[name], value), name
 
 
-@pytest.mark.xfail(strict=True, reason="ProtoPNet sets its phase (requires_grad, joint lr) in on_train_epoch_start, "
-                   "which Lightning does not call on a mid-epoch restart; models/protopnet.py must restore the phase "
-                   "on resume (outside this change)")
 def test_protopnet_resumed_mid_epoch_ends_like_the_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
     expected = _fit_protopnet(tmp_path / "reference").state_dict()
