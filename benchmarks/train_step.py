@@ -35,7 +35,7 @@ def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
     if family == "ProtoTree":
         return ProtoTree(num_classes=classes, backbone=backbone, depth=9)
     if family == "InterpretableCNN":
-        return InterpretableCNN(num_classes=classes, backbone=backbone)
+        return InterpretableCNN(num_classes=classes, backbone=backbone, stage=4)  # the whole trunk, as the others
     raise ValueError(family)
 
 
@@ -49,33 +49,33 @@ def loss_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     return F.cross_entropy(model(images), labels)
 
 
-def time_steps(model, images, labels, repeats: int, warmup: int, device: str) -> tuple[float, float]:
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-4)
-    times = []
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for i in range(warmup + repeats):
-        if device == "cuda":
+class StepTimer:
+    """One model's training steps: warm-up, then one timed step per call (so families can interleave)."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str) -> None:
+        self.model, self.images, self.labels, self.device = model.to(device).train(), images, labels, device
+        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        self.times: list[float] = []
+
+    def step(self) -> float:
+        if self.device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_of(model, images, labels).backward()
-        optimizer.step()
-        if device == "cuda":
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_of(self.model, self.images, self.labels).backward()
+        self.optimizer.step()
+        if self.device == "cuda":
             end.record()
             torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end) / 1000
-        else:
-            elapsed = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(elapsed)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024)
-    return statistics.median(times), peak
+            return start.elapsed_time(end) / 1000
+        return time.perf_counter() - t0
+
+
+def peak_memory(device: str, rss_before: int) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -97,15 +97,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
     families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN"]
+    timers, peaks = {}, {}
+    for family in families:  # build and warm up one after the other (memory growth per family) ...
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        timers[family] = StepTimer(build(family, args.classes, args.backbone), images, labels, args.device)
+        for _ in range(2):
+            timers[family].step()
+        peaks[family] = peak_memory(args.device, rss_before)
+    for _ in range(args.repeats):  # ... then time them interleaved, so load changes hit every family alike
+        for family in families:
+            timers[family].times.append(timers[family].step())
     rows = []
     for family in families:
-        model = build(family, args.classes, args.backbone)
-        seconds, peak = time_steps(model, images, labels, args.repeats, 2, args.device)
-        rows.append({"family": family, "seconds": seconds, "throughput": args.batch / seconds, "peak_mib": peak})
+        seconds = statistics.median(timers[family].times)
+        rows.append({"family": family, "seconds": seconds, "throughput": args.batch / seconds, "peak_mib": peaks[family]})
     base = rows[0]["seconds"]
     mem = "peak CUDA MiB" if args.device == "cuda" else "peak RSS growth MiB"
     print(f"training step, {args.backbone}, batch {args.batch}, {args.size} px, {args.classes} classes, "
-          f"{args.device}, {torch.get_num_threads()} threads, median of {args.repeats}")
+          f"{args.device}, {torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds")
     print(f"| family | step (ms) | images/s | {mem} | vs plain (target <= 1.15x) |")
     print("|---|---|---|---|---|")
     for r in rows:
