@@ -44,6 +44,11 @@ from .registry import register_model
 __all__ = ["EpochPlan", "PHASES", "ProtoPNet", "ProtoPNetEnsemble", "check_schedule", "protopnet_schedule"]
 
 
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 (a double-precision model) stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 # ------------------------------------------------------------------------------------------- model
 def _add_on_layers(kind: str, in_channels: int, dim: int) -> nn.Sequential:
     """``regular``: conv1x1 C->D, ReLU, conv1x1 D->D, sigmoid. ``bottleneck``: halving pairs down to D."""
@@ -203,13 +208,13 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         caller's autocast (the fast part) and returns float32 maps."""
         kind = self.device.type
         if not torch.is_autocast_enabled(kind):
-            yield lambda images: self.latent(images).float()
+            yield lambda images: _at_least_fp32(self.latent(images))
             return
         dtype = torch.get_autocast_dtype(kind)
 
         def latent(images: Tensor) -> Tensor:
             with torch.autocast(kind, dtype=dtype):
-                return self.latent(images).float()
+                return _at_least_fp32(self.latent(images))
 
         with torch.autocast(kind, enabled=False):
             yield latent
