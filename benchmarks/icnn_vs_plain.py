@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--no-clip", action="store_true", help="Eq. 4 also where log p(x|T_hat) / p(x) < 0")
     parser.add_argument("--categories", default="balanced", choices=["ema", "frozen", "balanced"],
                         help="filter categories: the EMA argmax throughout, or fixed after the warm-up")
-    parser.add_argument("--variant", default="paper", choices=["paper", "released_code"])
+    parser.add_argument("--variant", default="released_code", choices=["paper", "released_code"], help="as configs/icnn/synthetic.yaml")
     parser.add_argument("--tau", default="n2")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
