@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from .prototypes import l2_distances
+from .prototypes import _unpack_indexed, l2_distances
 
 __all__ = ["SimilarityCacheMixin"]
 
@@ -73,7 +73,7 @@ class SimilarityCacheMixin:
         """Min distances (N, P) of every image of `loader`, row i = sample index i, on the model's device.
 
         Eval mode, distances in float32: what the last layer sees in a last-layer epoch when the
-        trunk's BatchNorm statistics are fixed. Batches are dicts with "image" and "index" (or
+        trunk's BatchNorm statistics are fixed. Batches are push batches: dicts with "image", "label", "index" (or
         (image, label, index) tuples). Under DDP every rank builds the whole cache (one inference
         pass, no communication), so any shard of the training data can read it.
         """
@@ -82,7 +82,7 @@ class SimilarityCacheMixin:
         try:
             with self._fp32_distances() as latent:
                 for batch in loader:
-                    images, index = _images_and_index(batch)
+                    images, _, index = _unpack_indexed(batch)
                     maps = l2_distances(latent(images.to(self.device, non_blocking=True)), self.prototype_vectors)
                     rows.append(maps.amin(dim=(2, 3)))
                     indices.append(index.to(self.device).long())
@@ -111,16 +111,8 @@ class SimilarityCacheMixin:
             if index is None:
                 raise ValueError("the last-layer cache needs batches with the sample index ('index')")
         else:
-            (_, index), labels = _images_and_index(batch), batch[1]
+            _, labels, index = _unpack_indexed(batch)
         min_distances = self.similarity_cache[index.to(self.similarity_cache.device)]
         logits = self.logits_from_distances(min_distances)
         return logits, labels, self.losses_from_distances(logits, min_distances, labels)
 
-
-def _images_and_index(batch: Any) -> tuple[Tensor, Tensor]:
-    if isinstance(batch, dict) and "index" in batch:
-        return batch["image"], batch["index"]
-    if isinstance(batch, (list, tuple)) and len(batch) >= 3:
-        return batch[0], batch[2]
-    raise ValueError("the last-layer cache needs batches with the sample index: dicts with 'index' "
-                     "or (image, label, index) tuples")
