@@ -27,7 +27,6 @@ from .prototypes import (
     NearestPatches,
     PushResult,
     crop_patches,
-    fetch_images,
     high_activation_boxes,
     l2_distances,
     nearest_patches,
@@ -439,11 +438,14 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         position, distance, receptive-field box, `percentile` high-activation box and the patch.
         Raises ValueError, before changing anything, if some class has no image in `loader`.
         """
+        records = {"box": torch.full_like(self.prototype_box, -1), "patch": self.prototype_patch.clone(),
+                   "image_size": torch.full_like(self.prototype_box[:, :2], -1)}
         modes = self._eval_mode()
         try:
             with self._fp32_distances() as latent:
                 result = push_prototypes(latent, self.prototype_vectors, loader,
-                                         allowed_classes=self.prototype_class_identity.bool(), device=self.device)
+                                         allowed_classes=self.prototype_class_identity.bool(), device=self.device,
+                                         records=records, describe=lambda *args: self.push_record(*args, percentile=percentile))
         finally:
             self._restore_mode(modes)
         missing = ~result.found & self.prototype_mask
@@ -451,17 +453,9 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
             classes = sorted(set(self.prototype_classes[missing].tolist()))
             raise ValueError(f"push: no image of class(es) {classes[:20]} in the push data; prototypes left unchanged")
 
-        # Official: boxes are made on every improvement during the search, from the *pre-push*
-        # prototype's map. We make them once, after the search, from the pushed prototype's own map
-        # on its source image: the map the model computes from now on.
         found = result.found
-        sources, inverse = torch.unique(result.sample_index[found], return_inverse=True)
-        images = fetch_images(loader, sources).to(self.device)
-        size = tuple(images.shape[-2:])
-        boxes = torch.full((self.num_prototypes, 4), -1, dtype=torch.long, device=self.device)
-        boxes[found] = high_activation_boxes(similarity(result.distance_map[found], self.similarity_kind), size, percentile)[0]
-        patches = self.prototype_patch.clone()
-        patches[found] = crop_patches(images, inverse, boxes[found], self.hparams.patch_size).to(self.device)
+        records = result.records
+        size = tuple(records["image_size"][found][0].tolist()) if found.any() else tuple(self.prototype_image_size.tolist())
         rf_boxes = receptive_field_boxes(self.receptive_field(size[0]), self.receptive_field(size[1]), result.position.cpu())
 
         self.prototype_vectors.copy_(torch.where(found[:, None], result.vectors, self.prototype_vectors.flatten(1)).view_as(self.prototype_vectors))
@@ -469,12 +463,25 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         self.prototype_position.copy_(result.position)
         self.prototype_distance.copy_(result.distance)
         self.prototype_rf_box.copy_(rf_boxes)
-        self.prototype_box.copy_(boxes)
-        self.prototype_patch.copy_(patches)
+        self.prototype_box.copy_(records["box"])
+        self.prototype_patch.copy_(records["patch"])
         self.prototype_image_size.copy_(torch.tensor(size))
         self.push_epoch.fill_(self.current_epoch if epoch is None else epoch)
         self.invalidate_similarity_cache()
         return result
+
+    def push_record(self, images: Tensor, image_ids: Tensor, maps: Tensor, percentile: float = 95.0) -> dict[str, Tensor]:
+        """What the push keeps of new prototypes' source patches: from a batch's images (B, C, H, W), the
+        source image of each new prototype (n,) and their self-distance maps (n, h, w), "box" (n, 4)
+        high-activation boxes, "patch" (n, C, S, S) uint8 crops and "image_size" (n, 2).
+
+        Official: a box on every improvement, from the *pre-push* prototype's map. Ours: from the pushed
+        prototype's own map on its source image (the map the model computes from now on).
+        """
+        size = tuple(images.shape[-2:])
+        boxes = high_activation_boxes(similarity(maps, self.similarity_kind), size, percentile)[0]
+        patches = crop_patches(images, image_ids, boxes, self.hparams.patch_size)
+        return {"box": boxes, "patch": patches, "image_size": torch.tensor(size, device=images.device).expand(len(maps), 2)}
 
     # --------------------------------------------------------------------- pruning and analysis
     @torch.no_grad()

@@ -10,7 +10,7 @@ nearest patch under squared L2 is the nearest under L2, so ProtoTree (Euclidean)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
 import torch
@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from .activation_boxes import high_activation_boxes, upsample_maps
 from .backbones import ReceptiveField
 from .chunking import AdaptiveChunks
 
@@ -109,6 +110,7 @@ class PushResult:
         found: (P,) bool.
         distance_map: (P, h, w) squared distances from the new prototype to every patch of its source
             image (its self-activation map; inf where none found).
+        records: what `describe` said of each prototype's patch when it was found (see `PushSearch`).
     """
 
     vectors: Tensor
@@ -117,6 +119,7 @@ class PushResult:
     position: Tensor
     found: Tensor
     distance_map: Tensor | None = None
+    records: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _unpack_indexed(batch: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -153,11 +156,22 @@ class PushSearch:
     the prototypes that may use some image of the batch are compared (with the official unshuffled,
     class-sorted push loader that is a few classes' prototypes per batch), so distances are computed
     for those alone. Ties go to the smallest sample index, then the smallest (row, col).
+
+    `describe(images, image_ids, maps) -> {name: (n, ...)}` is called on every improvement, while the
+    images are at hand (as the official push does; nothing is read again afterwards): the batch's
+    images (B, C, H, W), the source image of each improved prototype (n,) and their new
+    self-distance maps (n, h, w). What it returns is kept in `records[name]`, which the caller
+    allocates with one row per prototype.
     """
 
-    def __init__(self, prototypes: Tensor, allowed_classes: Tensor | None = None) -> None:
+    def __init__(self, prototypes: Tensor, allowed_classes: Tensor | None = None,
+                 records: dict[str, Tensor] | None = None,
+                 describe: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]] | None = None) -> None:
         self.protos = prototypes.detach().reshape(prototypes.shape[0], -1)
         num, device = self.protos.shape[0], self.protos.device
+        if (records is None) != (describe is None):
+            raise ValueError("records and describe go together")
+        self.records, self.describe = dict(records or {}), describe
         # (K, P): row k says which prototypes may use an image of class k.
         self.allowed_t = None if allowed_classes is None else allowed_classes.to(device=device, dtype=torch.bool).T.contiguous()
         if self.allowed_t is not None and self.allowed_t.shape[1] != num:
@@ -170,8 +184,8 @@ class PushSearch:
         self.width: int | None = None
 
     @torch.no_grad()
-    def update(self, latent: Tensor, labels: Tensor, index: Tensor) -> None:
-        """latent (B, D, h, w) of a batch, its labels and sample indices (B,)."""
+    def update(self, latent: Tensor, labels: Tensor, index: Tensor, images: Tensor | None = None) -> None:
+        """latent (B, D, h, w) of a batch, its labels and sample indices (B,), and its images (for `describe`)."""
         device = self.protos.device
         labels, index = labels.to(device).long(), index.to(device).long()
         if latent.shape[1] != self.protos.shape[1]:
@@ -209,17 +223,25 @@ class PushSearch:
         src = latent[cand_b[local]]  # (n, D, h, w)
         new = src.flatten(2)[torch.arange(len(sel), device=device), :, cand_pos[local]]  # (n, D)
         new_map = (src - new[:, :, None, None]).pow(2).sum(dim=1)
+        described = {}
+        if self.describe is not None:
+            if images is None:
+                raise ValueError("PushSearch.update: describe needs the batch images")
+            described = self.describe(images, cand_b[local], new_map)
         # Every allocation is above: an out-of-memory error leaves the search as it was, so the
         # batch can be split and searched again (`push_prototypes`).
         self.vectors[sel], self.dmap[sel] = new, new_map
         self.distance[sel], self.index[sel], self.flat_pos[sel] = cand_d[local], cand_idx[local], cand_pos[local]
+        for name, value in described.items():
+            self.records[name][sel] = value.to(self.records[name])
 
     def result(self) -> PushResult:
         """The minima so far; under torch.distributed, merged over all ranks (a collective call)."""
-        best_d, best_idx, best_pos, vectors, dmap, width = (
-            self.distance, self.index, self.flat_pos, self.vectors, self.dmap, self.width)
+        best_d, best_idx, best_pos, vectors, dmap, width, records = (
+            self.distance, self.index, self.flat_pos, self.vectors, self.dmap, self.width, self.records)
         if _world() > 1:
-            best_d, best_idx, best_pos, vectors, dmap, width = _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width)
+            best_d, best_idx, best_pos, vectors, dmap, width, records = _merge_ranks(
+                best_d, best_idx, best_pos, vectors, dmap, width, records)
         found = torch.isfinite(best_d)
         width = width or 1
         position = torch.stack([best_pos // width, best_pos % width], dim=1)
@@ -231,6 +253,7 @@ class PushSearch:
             position=position,
             found=found,
             distance_map=dmap,
+            records=records,
         )
 
 
@@ -241,6 +264,8 @@ def push_prototypes(
     loader: Iterable,
     allowed_classes: Tensor | None = None,
     device: torch.device | str | None = None,
+    records: dict[str, Tensor] | None = None,
+    describe: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]] | None = None,
 ) -> PushResult:
     """Nearest latent patch of every prototype over one pass of `loader`, all prototypes at once.
 
@@ -252,6 +277,8 @@ def push_prototypes(
         allowed_classes: (P, K) bool; prototype j may only take patches from images whose label k
             has allowed_classes[j, k] (None = any image).
         device: where the search runs (default: the prototypes' device).
+        records, describe: what to record of each prototype's source patch while its image is at
+            hand (see `PushSearch`), e.g. ProtoPNet's boxes and patch images.
 
     Under torch.distributed each rank searches its shard and the minima are all-gathered, so every
     rank ends with identical results. Ties are broken by the smallest sample index, then the
@@ -259,10 +286,11 @@ def push_prototypes(
     out of CUDA memory is split in halves and searched again (with a warning, once), same result.
     """
     device = torch.device(device) if device is not None else prototypes.device
-    search = PushSearch(prototypes.detach().to(device), allowed_classes)
+    search = PushSearch(prototypes.detach().to(device), allowed_classes, records, describe)
 
     def search_batch(images: Tensor, labels: Tensor, index: Tensor) -> None:
-        search.update(latent_fn(images.to(device, non_blocking=True)), labels, index)
+        images = images.to(device, non_blocking=True)
+        search.update(latent_fn(images), labels, index, images)
 
     chunks = AdaptiveChunks(what="push")
     for batch in loader:
@@ -270,7 +298,7 @@ def push_prototypes(
     return search.result()
 
 
-def _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width):
+def _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width, records):
     """All-gather every rank's minima and keep, per prototype, the lexicographic smallest."""
     # Ranks whose shard was empty have no map yet; agree on the map size first.
     shape = torch.tensor(list(dmap.shape[1:]) if dmap is not None else [0, 0], device=best_d.device)
@@ -287,7 +315,8 @@ def _merge_ranks(best_d, best_idx, best_pos, vectors, dmap, width):
         take = torch.isfinite(all_d[r]) & _lex_less(all_d[r], all_i[r], all_q[r], w_d, w_i, w_q)
         winner = torch.where(take, torch.full_like(winner, r), winner)
     ids = torch.arange(all_d.shape[1], device=all_d.device)
-    return all_d[winner, ids], all_i[winner, ids], all_q[winner, ids], all_v[winner, ids], all_m[winner, ids], width
+    records = {name: _all_gather(value.to(best_d.device))[winner, ids].to(value.device) for name, value in records.items()}
+    return all_d[winner, ids], all_i[winner, ids], all_q[winner, ids], all_v[winner, ids], all_m[winner, ids], width, records
 
 
 def fetch_images(loader: Iterable, indices: Tensor) -> Tensor:
@@ -339,43 +368,6 @@ def receptive_field_boxes(rf_rows: ReceptiveField, rf_cols: ReceptiveField, posi
         _, _, x0, x1 = rf_cols.box(row, col)
         boxes.append((x0, y0, x1, y1))
     return torch.tensor(boxes, dtype=torch.long).reshape(-1, 4)
-
-
-def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
-    """(N, h, w) -> (N, H, W) bicubic (the official code uses cv2 INTER_CUBIC; both use a = -0.75)."""
-    return F.interpolate(maps[:, None].float(), size=size, mode="bicubic", align_corners=False)[:, 0]
-
-
-def high_activation_boxes(
-    maps: Tensor, size: tuple[int, int], percentile: float = 95.0, chunk: int = 64
-) -> tuple[Tensor, Tensor]:
-    """Tight boxes around the pixels at or above the `percentile` of each bicubically upsampled map.
-
-    Args:
-        maps: (N, h, w) activation (similarity) maps at latent resolution.
-        size: (H, W) input resolution.
-        percentile: ProtoPNet's `find_high_activation_crop` uses 95.
-        chunk: maps per step (bounds the memory of the (chunk, H, W) upsampled maps).
-
-    Returns:
-        boxes (N, 4) int64 as (x0, y0, x1, y1), x1/y1 exclusive, and the thresholds (N,).
-    """
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-    boxes, thresholds = [], []
-    for part in maps.split(chunk):
-        up = upsample_maps(part, size)
-        # Same linear interpolation between order statistics as np.percentile's default.
-        thr = torch.quantile(up.flatten(1), percentile / 100, dim=1)
-        mask = up >= thr[:, None, None]
-        rows, cols = mask.any(dim=2).int(), mask.any(dim=1).int()  # argmax below = first True
-        y0, y1 = rows.argmax(dim=1), size[0] - rows.flip(1).argmax(dim=1)
-        x0, x1 = cols.argmax(dim=1), size[1] - cols.flip(1).argmax(dim=1)
-        boxes.append(torch.stack([x0, y0, x1, y1], dim=1))
-        thresholds.append(thr)
-    if not boxes:
-        return torch.zeros(0, 4, dtype=torch.long, device=maps.device), torch.zeros(0, device=maps.device)
-    return torch.cat(boxes).long(), torch.cat(thresholds)
 
 
 def crop_patches(images: Tensor, image_ids: Tensor, boxes: Tensor, size: int = 32) -> Tensor:

@@ -137,6 +137,30 @@ def test_push_records_and_patches():
     assert m.prototype_image_size.tolist() == [32, 32]
 
 
+def test_push_records_equal_a_recomputation_and_do_not_depend_on_batching():
+    """Boxes and patches are made while each source image is in its batch; made again afterwards from the
+    dataset they are the same, for any batch size and order of the push data."""
+    from models.prototypes import crop_patches, high_activation_boxes, similarity
+
+    x, y = _data(12, size=40)
+    ref = None
+    for batch_size, order in ((5, torch.arange(12)), (1, torch.arange(12)), (12, torch.randperm(12, generator=torch.Generator().manual_seed(1)))):
+        m = _model()
+        dataset = torch.utils.data.Subset(_Dataset(x, y), order.tolist())
+        m.push(torch.utils.data.DataLoader(dataset, batch_size=batch_size))
+        sources = m.prototype_source_index
+        maps = ((m.latent(x[sources]) - m.prototype_vectors) ** 2).sum(dim=1)  # own map on own source
+        boxes = high_activation_boxes(similarity(maps), (40, 40))[0]
+        assert torch.equal(m.prototype_box, boxes)
+        assert torch.equal(m.prototype_patch, crop_patches(x[sources], torch.arange(6), boxes, 32))
+        assert m.prototype_image_size.tolist() == [40, 40]
+        state = {k: v for k, v in m.state_dict().items() if k.startswith("prototype_")}
+        if ref is None:
+            ref = state
+        for k, v in ref.items():
+            torch.testing.assert_close(state[k], v, atol=1e-6, rtol=0, msg=k)
+
+
 def test_push_patch_is_the_high_activation_crop():
     # A constant-colour image makes the crop's colour known whatever the box.
     m = _model(num_classes=2, prototypes_per_class=1)
