@@ -169,8 +169,11 @@ def high_activation_boxes(
     maps = maps.float()
     # The blockwise path saves arithmetic at the price of many small steps: right for CPUs. On an
     # accelerator the dense computation is one fast batched call (not measured here: no GPU lent).
-    if (maps.device.type != "cpu" or maps.numel() == 0 or size[0] * size[1] <= 1024
-            or not bool(torch.isfinite(maps).all())):
+    # Where many pixels tie with the threshold up to float rounding, which of them make the box depends
+    # on the rounding of the sums: take torch's. That is percentile 0 or 100 (the threshold is a
+    # pixel's own value) and maps one cell high or wide (all output lines along that axis are equal).
+    if (maps.device.type != "cpu" or maps.numel() == 0 or size[0] * size[1] <= 1024 or percentile in (0, 100)
+            or min(maps.shape[1:]) == 1 or not bool(torch.isfinite(maps).all())):
         return dense_high_activation_boxes(maps, size, percentile)
     rows, cols = _axis(maps.shape[1], size[0]), _axis(maps.shape[2], size[1])
     parts = [_blockwise_boxes(part, rows, cols, size, percentile) for part in maps.split(chunk)]

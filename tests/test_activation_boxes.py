@@ -20,7 +20,8 @@ def _maps(kind: str, n: int = 300, h: int = 7, w: int = 7, seed: int = 0) -> tor
 
 
 @pytest.mark.parametrize("kind", ["uniform", "normal", "prototype"])
-@pytest.mark.parametrize("size, percentile", [((224, 224), 95.0), ((200, 150), 95.0), ((224, 224), 50.0), ((97, 224), 99.0)])
+@pytest.mark.parametrize("size, percentile", [((224, 224), 95.0), ((200, 150), 95.0), ((224, 224), 50.0), ((97, 224), 99.0),
+                                              ((224, 224), 100.0), ((40, 31), 5.0)])
 def test_boxes_equal_the_dense_computation(kind, size, percentile):
     maps = _maps(kind)
     boxes, thr = high_activation_boxes(maps, size, percentile)
@@ -28,6 +29,13 @@ def test_boxes_equal_the_dense_computation(kind, size, percentile):
     assert torch.equal(boxes, ref_boxes)
     # Same order statistics; the upsampled values differ only by float rounding of the sums.
     torch.testing.assert_close(thr, ref_thr, rtol=1e-5, atol=1e-5 * float(maps.abs().max()))
+
+
+def test_odd_shapes_equal_the_dense_computation():
+    g = torch.Generator().manual_seed(5)
+    for h, w, size in ((1, 7, (224, 224)), (7, 1, (80, 70)), (3, 11, (150, 301)), (14, 14, (448, 448))):
+        maps = torch.randn(20, h, w, generator=g)
+        assert torch.equal(high_activation_boxes(maps, size)[0], dense_high_activation_boxes(maps, size)[0]), (h, w, size)
 
 
 def test_dense_reference_is_numpy_percentile():
@@ -73,3 +81,14 @@ def test_empty_and_bad_percentile():
     assert boxes.shape == (0, 4) and thr.shape == (0,)
     with pytest.raises(ValueError, match="percentile"):
         high_activation_boxes(torch.zeros(1, 7, 7), (224, 224), percentile=101)
+
+
+def test_random_shapes_sizes_and_percentiles_equal_the_dense_computation():
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 15, 2))
+        size = tuple(int(v) for v in rng.integers(20, 300, 2))
+        percentile = float(rng.choice([0.0, 5.0, 50.0, 95.0, 99.0, 100.0, rng.uniform(0, 100)]))
+        maps = torch.from_numpy(rng.standard_normal((10, h, w)) * 10 ** rng.uniform(-3, 3)).float()
+        boxes = high_activation_boxes(maps, size, percentile)[0]
+        assert torch.equal(boxes, dense_high_activation_boxes(maps, size, percentile)[0]), (h, w, size, percentile)
