@@ -455,7 +455,11 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
 
         found = result.found
         records = result.records
-        size = tuple(records["image_size"][found][0].tolist()) if found.any() else tuple(self.prototype_image_size.tolist())
+        sizes = records["image_size"][found].unique(dim=0)
+        if len(sizes) > 1:
+            raise ValueError(f"push: the push data has images of sizes {sizes.tolist()}; boxes need one size "
+                             "(resize in the push dataset); prototypes left unchanged")
+        size = tuple(sizes[0].tolist()) if len(sizes) else tuple(self.prototype_image_size.tolist())
         rf_boxes = receptive_field_boxes(self.receptive_field(size[0]), self.receptive_field(size[1]), result.position.cpu())
 
         self.prototype_vectors.copy_(torch.where(found[:, None], result.vectors, self.prototype_vectors.flatten(1)).view_as(self.prototype_vectors))

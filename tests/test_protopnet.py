@@ -161,6 +161,17 @@ def test_push_records_equal_a_recomputation_and_do_not_depend_on_batching():
             torch.testing.assert_close(state[k], v, atol=1e-6, rtol=0, msg=k)
 
 
+def test_push_with_mixed_image_sizes_raises_before_changing_anything():
+    m = _model(num_classes=2, prototypes_per_class=1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    batches = [{"image": torch.rand(1, 3, 32, 32), "label": torch.tensor([0]), "index": torch.tensor([0])},
+               {"image": torch.rand(1, 3, 30, 30), "label": torch.tensor([1]), "index": torch.tensor([1])}]
+    with pytest.raises(ValueError, match="sizes"):
+        m.push(batches)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_push_patch_is_the_high_activation_crop():
     # A constant-colour image makes the crop's colour known whatever the box.
     m = _model(num_classes=2, prototypes_per_class=1)
