@@ -207,7 +207,7 @@ def main() -> None:
                 search.update(z, b["label"], b["index"])
             return search.result()
         records = {"box": torch.full((len(protos), 4), -1, device=device),
-                   "patch": torch.zeros_like(model.prototype_patch), "image_size": torch.zeros(len(protos), 2, device=device)}
+                   "patch": torch.zeros_like(model.prototype_patch), "image_size": torch.zeros(len(protos), 2, dtype=torch.long, device=device)}
         search = PushSearch(protos, model.prototype_class_identity, records, model.push_record)
         for z, images, b in cached:
             search.update(z, b["label"], b["index"], images)

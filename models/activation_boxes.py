@@ -12,13 +12,16 @@ coefficients, which are a linear function of the map (two small matrix products)
 subsample of the upsampled pixels gives a narrow bracket [low, high] around the percentile; the
 block bounds then count the blocks wholly above it and drop those wholly below, first 16 x 16 blocks,
 then the 8 x 8 blocks of those left; only the rest are upsampled pixel by pixel, and the two order
-statistics are selected among their pixels inside the bracket. Where the counts show that the
-bracket missed (none did in the tests and benchmarks), the map is computed densely. The result equals
-`dense_high_activation_boxes` (upsample everything, torch.quantile) up to float rounding of the sums.
+statistics are selected among their pixels inside the bracket. A map goes the dense way where the
+counts show that the bracket missed, where most blocks stay undecided (plateaus), and where pixels
+within float rounding of the threshold would change the box. So the boxes equal those of
+`dense_high_activation_boxes` (upsample everything, torch.quantile); the thresholds agree up to the
+rounding of the interpolation sums.
 """
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +39,13 @@ def upsample_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def _quantile_ranks(n: int, percentile: float) -> tuple[int, int, Tensor]:
-    """torch.quantile's 'linear' order statistics, as 1-based ranks from the top, and the lerp weight."""
-    rank = torch.tensor(percentile / 100, dtype=torch.float32) * (n - 1)
-    below, above = int(rank), int(torch.ceil(rank))
-    return n - below, n - above, rank - below
+    """torch.quantile's 'linear' order statistics, as 1-based ranks from the top, and the lerp weight.
+
+    As torch computes them: q rounded to float32, its rank q (n - 1) and that rank's fraction in double.
+    """
+    rank = float(torch.tensor(percentile / 100, dtype=torch.float32)) * (n - 1)
+    below, above = math.floor(rank), math.ceil(rank)
+    return n - below, n - above, torch.tensor(rank - below, dtype=torch.float32)
 
 
 def _box_of_mask(mask: Tensor) -> Tensor:
@@ -70,6 +76,7 @@ def dense_high_activation_boxes(
 _COARSE, _FINE = 16, 8  # block sides: all coarse blocks are bounded, then the fine blocks of the mixed ones
 _SAMPLE = 4  # the threshold is first estimated from every 4th row and column
 _SPREAD = 12  # the estimated bracket spans this many sample ranks either side of the estimate
+_CROWDED = 0.25  # maps whose undecided fine blocks hold more than this share of the pixels go dense
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,7 @@ def _axis(n_in: int, n_out: int) -> _Axis:
             fine_control[c, 4 * k: 4 * k + 4] = control(lo, hi)
             n += 1
     exact = upsample_maps(torch.eye(n_in).view(n_in, n_in, 1), (n_out, 1))[..., 0].T  # (n_out, n_in)
-    weights = torch.zeros(len(flat), _FINE, n_in)
+    weights = torch.zeros(len(flat), _FINE, n_in, dtype=torch.float32)
     valid = torch.zeros(len(flat), _FINE, dtype=torch.bool)
     for f, (lo, hi) in enumerate(flat):
         weights[f, : hi - lo], valid[f, : hi - lo] = exact[lo:hi], True
@@ -151,7 +158,7 @@ def _axis(n_in: int, n_out: int) -> _Axis:
 
 # ------------------------------------------------------------------------------------ fast boxes
 def high_activation_boxes(
-    maps: Tensor, size: tuple[int, int], percentile: float = 95.0, chunk: int = 512
+    maps: Tensor, size: tuple[int, int], percentile: float = 95.0, chunk: int = 128
 ) -> tuple[Tensor, Tensor]:
     """Tight boxes around the pixels at or above the `percentile` of each bicubically upsampled map.
 
@@ -167,13 +174,12 @@ def high_activation_boxes(
     if not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be in [0, 100], got {percentile}")
     maps = maps.float()
-    # The blockwise path saves arithmetic at the price of many small steps: right for CPUs. On an
-    # accelerator the dense computation is one fast batched call (not measured here: no GPU lent).
-    # Where many pixels tie with the threshold up to float rounding, which of them make the box depends
-    # on the rounding of the sums: take torch's. That is percentile 0 or 100 (the threshold is a
-    # pixel's own value) and maps one cell high or wide (all output lines along that axis are equal).
-    if (maps.device.type != "cpu" or maps.numel() == 0 or size[0] * size[1] <= 1024 or percentile in (0, 100)
-            or min(maps.shape[1:]) == 1 or not bool(torch.isfinite(maps).all())):
+    # The blockwise path saves arithmetic at the price of many small steps, which suits a CPU; an
+    # accelerator runs the dense computation as one batched call. Maps one cell high or wide have
+    # all output lines along that axis equal, and percentile 0 or 100 puts the threshold on a pixel's
+    # own value: there the box depends on how the sums round, so torch's own rounding decides.
+    if (maps.device.type != "cpu" or maps.numel() == 0 or size[0] * size[1] <= 1024 or min(size) < _SAMPLE
+            or percentile in (0, 100) or min(maps.shape[1:]) == 1 or not bool(torch.isfinite(maps).all())):
         return dense_high_activation_boxes(maps, size, percentile)
     rows, cols = _axis(maps.shape[1], size[0]), _axis(maps.shape[2], size[1])
     parts = [_blockwise_boxes(part, rows, cols, size, percentile) for part in maps.split(chunk)]
@@ -212,7 +218,7 @@ def _kth_largest_pair(values: Tensor, keep: Tensor, k: Tensor, k_next: Tensor) -
     pad = j.max() - j
     width = max(int((pad + count).max()), 1) + 1
     where = torch.where(keep, keep.cumsum(dim=1) - 1 + pad[:, None], width)
-    packed = torch.full((values.shape[0], width + 1), float("inf"), device=values.device)
+    packed = torch.full((values.shape[0], width + 1), float("inf"), dtype=values.dtype, device=values.device)
     packed[:, :width].masked_fill_(torch.arange(width, device=values.device)[None] < pad[:, None], float("-inf"))
     packed = packed.scatter_(1, where, values)[:, :width]
     at = int(j.max())
@@ -227,7 +233,7 @@ def _blockwise_boxes(maps: Tensor, rows: _Axis, cols: _Axis, size: tuple[int, in
     n = size[0] * size[1]
     rank_below, rank_above, weight = _quantile_ranks(n, percentile)
     big = torch.iinfo(torch.long).max
-    box = [torch.full((num,), big, device=device)] * 2 + [torch.full((num,), -1, device=device)] * 2
+    box = [torch.full((num,), fill, device=device) for fill in (big, big, -1, -1)]  # y0, x0, y1, x1
     g_r, g_c = len(rows.start), len(cols.start)
     margin = 1e-5 * maps.abs().flatten(1).amax(dim=1).clamp_min(1e-30)[:, None]
 
@@ -250,7 +256,6 @@ def _blockwise_boxes(maps: Tensor, rows: _Axis, cols: _Axis, size: tuple[int, in
     above = lo > high[:, None, None]
     mixed = (~above & (hi >= low[:, None, None])).flatten(1)
     counted = ((rows.size[:, None] * cols.size[None, :]) * above).flatten(1).sum(dim=1)
-    box = [b.clone() for b in box]
     for axis, (lines, start, stop) in enumerate(((above.any(dim=2), 0, 2), (above.any(dim=1), 1, 3))):
         blocks = (rows, cols)[axis]
         some = lines.any(dim=1)
@@ -269,6 +274,10 @@ def _blockwise_boxes(maps: Tensor, rows: _Axis, cols: _Axis, size: tuple[int, in
     sizes_r, sizes_c = _rows(rows.fine_size, ci).view(num, -1, 2, 1), _rows(cols.fine_size, cj).view(num, -1, 1, 2)
     exists = (active[:, :, None, None] & (sizes_r > 0) & (sizes_c > 0)).flatten(1)
     above, mixed = exists & (lo > high[:, None]), exists & (lo <= high[:, None]) & (hi >= low[:, None])
+    # Maps with broad plateaus near the percentile leave most blocks undecided: those go dense, as
+    # cheap there and without a large (N, K, B, B) tensor of undecided pixels.
+    crowded = (mixed.sum(dim=1) * _FINE * _FINE) > _CROWDED * size[0] * size[1]
+    mixed &= ~crowded[:, None]
     counted = counted + ((sizes_r * sizes_c).flatten(1) * above).sum(dim=1)
     grid = lambda t: t.expand(-1, -1, 2, 2).flatten(1)  # noqa: E731  (N, K, 2, 1) or (N, K, 1, 2) -> (N, 4K)
     fy, fx = grid(_rows(rows.fine_start, ci).view(num, -1, 2, 1)), grid(_rows(cols.fine_start, cj).view(num, -1, 1, 2))
@@ -290,16 +299,25 @@ def _blockwise_boxes(maps: Tensor, rows: _Axis, cols: _Axis, size: tuple[int, in
     keep = ~over & (flat >= low[:, None])
     k_below, k_above = rank_below - counted, rank_above - counted
     # The estimate holds where both order statistics are among the kept pixels.
-    holds = (k_above >= 1) & (k_below <= keep.sum(dim=1))
+    holds = (k_above >= 1) & (k_below <= keep.sum(dim=1)) & ~crowded
     v_below, v_above = _kth_largest_pair(flat, keep & holds[:, None], k_below.clamp_min(1), k_above.clamp_min(1))
     thr = torch.lerp(v_below, v_above, weight.to(device))
 
-    inside = vals >= thr[:, None, None, None]  # (N, K, B, B)
-    has_r, has_c = inside.any(dim=3), inside.any(dim=2)  # (N, K, B)
-    first_r, last_r = has_r.int().argmax(dim=2), _FINE - has_r.int().flip(2).argmax(dim=2)
-    first_c, last_c = has_c.int().argmax(dim=2), _FINE - has_c.int().flip(2).argmax(dim=2)
-    box = _extent(box, has_r.any(dim=2), fy + first_r, fx + first_c, fy + last_r, fx + last_c)
-    boxes = torch.stack([box[1], box[0], box[3], box[2]], dim=1)
+    def pixel_box(threshold: Tensor) -> Tensor:  # the box with the evaluated pixels >= threshold
+        inside = vals >= threshold[:, None, None, None]  # (N, K, B, B)
+        has_r, has_c = inside.any(dim=3), inside.any(dim=2)  # (N, K, B)
+        first_r, last_r = has_r.int().argmax(dim=2), _FINE - has_r.int().flip(2).argmax(dim=2)
+        first_c, last_c = has_c.int().argmax(dim=2), _FINE - has_c.int().flip(2).argmax(dim=2)
+        y0, x0, y1, x1 = _extent(box, has_r.any(dim=2), fy + first_r, fx + first_c, fy + last_r, fx + last_c)
+        return torch.stack([x0, y0, x1, y1], dim=1)
+
+    # Pixels this close to the threshold may fall on the other side of it in torch's own rounding of
+    # the sums (float32, 16 terms with weights summing below 1.25 in absolute value: under 2e-6 of the
+    # largest |map| value). The box at thr lies between those at thr + tie and thr - tie; where these
+    # differ, torch's dense computation decides.
+    tie = 4e-6 * maps.abs().flatten(1).amax(dim=1)
+    boxes = pixel_box(thr + tie)
+    holds &= (pixel_box(thr - tie) == boxes).all(dim=1)
     if not bool(holds.all()):
         redo = (~holds).nonzero()[:, 0]
         boxes[redo], thr[redo] = dense_high_activation_boxes(maps[redo], size, percentile)

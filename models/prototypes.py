@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from .activation_boxes import high_activation_boxes, upsample_maps
@@ -171,6 +170,9 @@ class PushSearch:
         num, device = self.protos.shape[0], self.protos.device
         if (records is None) != (describe is None):
             raise ValueError("records and describe go together")
+        for name, value in (records or {}).items():
+            if len(value) != num:
+                raise ValueError(f"record {name!r} has {len(value)} rows but there are {num} prototypes")
         self.records, self.describe = dict(records or {}), describe
         # (K, P): row k says which prototypes may use an image of class k.
         self.allowed_t = None if allowed_classes is None else allowed_classes.to(device=device, dtype=torch.bool).T.contiguous()
@@ -228,12 +230,18 @@ class PushSearch:
             if images is None:
                 raise ValueError("PushSearch.update: describe needs the batch images")
             described = self.describe(images, cand_b[local], new_map)
+            if set(described) != set(self.records):
+                raise ValueError(f"describe returned {sorted(described)} but the records are {sorted(self.records)}")
+            described = {name: value.to(self.records[name]) for name, value in described.items()}
+            for name, value in described.items():
+                if value.shape != (len(sel), *self.records[name].shape[1:]):
+                    raise ValueError(f"describe gave {name!r} of shape {tuple(value.shape)} for {len(sel)} prototypes")
         # Every allocation is above: an out-of-memory error leaves the search as it was, so the
         # batch can be split and searched again (`push_prototypes`).
         self.vectors[sel], self.dmap[sel] = new, new_map
         self.distance[sel], self.index[sel], self.flat_pos[sel] = cand_d[local], cand_idx[local], cand_pos[local]
         for name, value in described.items():
-            self.records[name][sel] = value.to(self.records[name])
+            self.records[name][sel] = value
 
     def result(self) -> PushResult:
         """The minima so far; under torch.distributed, merged over all ranks (a collective call)."""

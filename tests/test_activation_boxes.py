@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.activation_boxes import _axis, dense_high_activation_boxes, high_activation_boxes, upsample_maps
+from models.activation_boxes import _axis, _quantile_ranks, dense_high_activation_boxes, high_activation_boxes, upsample_maps
 
 
 def _maps(kind: str, n: int = 300, h: int = 7, w: int = 7, seed: int = 0) -> torch.Tensor:
@@ -92,3 +92,43 @@ def test_random_shapes_sizes_and_percentiles_equal_the_dense_computation():
         maps = torch.from_numpy(rng.standard_normal((10, h, w)) * 10 ** rng.uniform(-3, 3)).float()
         boxes = high_activation_boxes(maps, size, percentile)[0]
         assert torch.equal(boxes, dense_high_activation_boxes(maps, size, percentile)[0]), (h, w, size, percentile)
+
+
+@pytest.mark.parametrize("n", [2, 7, 1041, 10001, 50176])
+@pytest.mark.parametrize("percentile", [0.1, 5.0, 50.0, 95.0, 99.9, 37.3])
+def test_quantile_ranks_are_torch_quantiles(n, percentile):
+    x = torch.rand(n, generator=torch.Generator().manual_seed(n))
+    below, above, weight = _quantile_ranks(n, percentile)
+    top = x.sort(descending=True).values
+    assert torch.equal(torch.lerp(top[below - 1], top[above - 1], weight), torch.quantile(x, percentile / 100))
+
+
+def test_cases_found_in_review():
+    # A weight torch.quantile takes as 1e-4 and a float32 rank would make 0.
+    m = torch.tensor([[[2, 1, 0], [2, -1, -2], [0, -2, -2], [1, 0, 0], [-2, 0, 1], [0, -1, -2], [-2, 0, 1]]]).float()
+    assert high_activation_boxes(m, (137, 73), 99.9)[0].tolist() == dense_high_activation_boxes(m, (137, 73), 99.9)[0].tolist()
+    # Rows equal along one axis: whole lines tie with the threshold up to rounding.
+    m = torch.tensor([[[0.0, 0, 1], [0, 0, 1]]])
+    assert high_activation_boxes(m, (247, 85), 99.9)[0].tolist() == dense_high_activation_boxes(m, (247, 85), 99.9)[0].tolist()
+    # Maps that vary little for their size.
+    g = torch.Generator().manual_seed(3)
+    for offset, scale in ((1, 1e-4), (1, 1e-5), (1000, 1e-3)):
+        m = offset + scale * torch.randn(100, 7, 7, generator=g)
+        assert torch.equal(high_activation_boxes(m, (224, 224))[0], dense_high_activation_boxes(m, (224, 224))[0])
+    # Images thinner than the subsample step.
+    m = torch.randn(2, 7, 7, generator=g)
+    for size in ((2, 600), (600, 2), (1, 2000)):
+        assert torch.equal(high_activation_boxes(m, size)[0], dense_high_activation_boxes(m, size)[0])
+
+
+def test_does_not_depend_on_the_default_dtype():
+    maps = _maps("prototype", n=20)
+    ref = high_activation_boxes(maps, (224, 224))[0]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _axis.cache_clear()
+        assert torch.equal(high_activation_boxes(maps, (224, 224))[0], ref)
+    finally:
+        torch.set_default_dtype(default)
+        _axis.cache_clear()

@@ -16,6 +16,7 @@ from models.prototypes import (
     l2_distances,
     linear_similarity,
     log_similarity,
+    PushSearch,
     nearest_patches,
     push_prototypes,
     receptive_field_boxes,
@@ -142,6 +143,33 @@ def test_nearest_patches_equal_brute_force_sort():
         assert nn_.position[j].tolist() == torch.stack([q // W, q % W], 1).tolist()
     short = nearest_patches(_lookup(latent), protos, _loader(labels[:3], 2), k=k)
     assert (short.sample_index[:, 3:] == -1).all() and torch.isinf(short.distance[:, 3:]).all()
+
+
+def test_push_records_what_describe_says_of_each_winner():
+    latent, labels, protos, allowed = _table()
+    seen = []
+
+    def describe(images, image_ids, maps):
+        seen.append(len(image_ids))
+        return {"source_pixel": images[image_ids, 0, 0, 0], "map_min": maps.flatten(1).amin(dim=1)}
+
+    records = {"source_pixel": torch.full((P,), -1.0), "map_min": torch.full((P,), -1.0)}
+    r = push_prototypes(_lookup(latent), protos, _loader(labels, 7), allowed, records=records, describe=describe)
+    assert sum(seen) >= P  # every improvement was described
+    # The record of each prototype describes its final source image and its own map (zero at its patch).
+    assert r.records["source_pixel"].tolist() == r.sample_index.float().tolist()
+    assert (r.records["map_min"] == 0).all()
+
+
+def test_push_search_rejects_bad_records_before_writing():
+    latent, labels, protos, allowed = _table()
+    with pytest.raises(ValueError, match="rows"):
+        PushSearch(protos, allowed, {"x": torch.zeros(P - 1)}, lambda *a: {})
+    search = PushSearch(protos, allowed, {"x": torch.zeros(P)}, lambda images, ids, maps: {"y": torch.zeros(len(ids))})
+    images = torch.arange(8.0)[:, None, None, None].expand(8, 3, 2, 2)
+    with pytest.raises(ValueError, match="describe returned"):
+        search.update(latent[:8], labels[:8], torch.arange(8), images)
+    assert torch.isinf(search.distance).all() and (search.index == search.index[0]).all()  # nothing written
 
 
 def test_high_activation_box_matches_numpy_percentile():
