@@ -479,8 +479,9 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         source image of each new prototype (n,) and their self-distance maps (n, h, w), "box" (n, 4)
         high-activation boxes, "patch" (n, C, S, S) uint8 crops and "image_size" (n, 2).
 
-        Official: a box on every improvement, from the *pre-push* prototype's map. Ours: from the pushed
-        prototype's own map on its source image (the map the model computes from now on).
+        Called on every improvement of the search, like the official code's box. Official: the box comes
+        from the *pre-push* prototype's map. Ours: from the pushed prototype's own map on its source image
+        (the map the model computes from now on).
         """
         size = tuple(images.shape[-2:])
         boxes = high_activation_boxes(similarity(maps, self.similarity_kind), size, percentile)[0]
