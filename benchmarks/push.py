@@ -201,14 +201,9 @@ def main() -> None:
     rf = model.receptive_field(args.size)
 
     def search_ours(records: bool = True):
-        if not records:
-            search = PushSearch(protos, model.prototype_class_identity)
-            for z, images, b in cached:
-                search.update(z, b["label"], b["index"])
-            return search.result()
-        records = {"box": torch.full((len(protos), 4), -1, device=device),
-                   "patch": torch.zeros_like(model.prototype_patch), "image_size": torch.zeros(len(protos), 2, dtype=torch.long, device=device)}
-        search = PushSearch(protos, model.prototype_class_identity, records, model.push_record)
+        kept = {"box": torch.full((len(protos), 4), -1, device=device), "patch": torch.zeros_like(model.prototype_patch),
+                "image_size": torch.zeros(len(protos), 2, dtype=torch.long, device=device)} if records else None
+        search = PushSearch(protos, model.prototype_class_identity, kept, model.push_record if records else None)
         for z, images, b in cached:
             search.update(z, b["label"], b["index"], images)
         return search.result()
