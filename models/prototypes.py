@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import cpu_kernels
 from .activation_boxes import high_activation_boxes, upsample_maps
 from .backbones import ReceptiveField
 from .chunking import AdaptiveChunks
@@ -379,17 +380,27 @@ def receptive_field_boxes(rf_rows: ReceptiveField, rf_cols: ReceptiveField, posi
 
 
 def crop_patches(images: Tensor, image_ids: Tensor, boxes: Tensor, size: int = 32) -> Tensor:
-    """Crop `boxes` (x0, y0, x1, y1) from `images[image_ids]`, resized to size x size, as uint8 (N, C, size, size)."""
-    from torchvision.ops import roi_align
+    """Crop `boxes` (x0, y0, x1, y1) from `images[image_ids]`, resized to size x size, as uint8 (N, C, size, size).
 
+    torchvision's roi_align (2 x 2 bilinear samples per output pixel), or on a CPU the same arithmetic
+    compiled (`models.cpu_kernels`; same bytes, ~4x faster).
+    """
     if len(boxes) == 0:
         return torch.zeros(0, images.shape[1], size, size, dtype=torch.uint8)
+    h, w = images.shape[-2:]
+    inside = bool(((boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w) & (boxes[:, 3] <= h)
+                   & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all())
+    if cpu_kernels.AVAILABLE and images.device.type == "cpu" and inside:
+        return cpu_kernels.crop_boxes(images, image_ids.cpu(), boxes.cpu(), size)
+    from torchvision.ops import roi_align
+
     # aligned=True: box edges are pixel edges (pixel i spans [i, i + 1)). Shrinking the box by half a
     # pixel keeps every bilinear sample between the centres of the box's own pixels (no bleeding in
     # of the pixels around it), like resizing the crop alone.
+    images = images.float()
     inner = boxes.to(images) + torch.tensor([0.5, 0.5, -0.5, -0.5], device=images.device)
     rois = torch.cat([image_ids[:, None].to(images), inner], dim=1)
-    crops = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    crops = roi_align(images, rois, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
     return (crops.clamp(0, 1) * 255).round().to(torch.uint8)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.activation_boxes import _axis, _quantile_ranks, dense_high_activation_boxes, high_activation_boxes, upsample_maps
+from models import cpu_kernels
+from models.activation_boxes import _quantile_ranks, _taps, dense_high_activation_boxes, high_activation_boxes, upsample_maps
 
 
 def _maps(kind: str, n: int = 300, h: int = 7, w: int = 7, seed: int = 0) -> torch.Tensor:
@@ -47,25 +48,6 @@ def test_dense_reference_is_numpy_percentile():
         ys, xs = np.nonzero(up[n] >= t)
         assert abs(float(thr[n]) - t) <= 1e-6 * abs(t)
         assert boxes[n].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
-
-
-@pytest.mark.parametrize("n_in, n_out", [(7, 224), (7, 150), (14, 448), (5, 97)])
-def test_block_bounds_contain_every_upsampled_value(n_in, n_out):
-    """The lemma the fast path stands on: on each block the map lies between its Bernstein coefficients."""
-    rows = _axis(n_in, n_out)
-    maps = _maps("normal", n=50, h=n_in, w=n_in, seed=1)
-    up = upsample_maps(maps, (n_out, n_out))
-    coeff = torch.einsum("gph,nhw,kqw->ngkpq", rows.control, maps, rows.control)  # (N, G, G, 4, 4)
-    lo, hi = coeff.amin(dim=(3, 4)), coeff.amax(dim=(3, 4))
-    for g, (start, size) in enumerate(zip(rows.start.tolist(), rows.size.tolist())):
-        for k, (cstart, csize) in enumerate(zip(rows.start.tolist(), rows.size.tolist())):
-            block = up[:, start:start + size, cstart:cstart + csize].flatten(1)
-            scale = 1e-5 * maps.abs().flatten(1).amax(dim=1)
-            assert (block.amin(dim=1) >= lo[:, g, k] - scale).all() and (block.amax(dim=1) <= hi[:, g, k] + scale).all()
-    # Blocks tile the axis, and the fine blocks tile each coarse one.
-    assert rows.start.tolist() == np.cumsum([0] + rows.size.tolist()[:-1]).tolist() and int(rows.size.sum()) == n_out
-    sizes = rows.fine_size.sum(dim=1)
-    assert torch.equal(sizes, rows.size) and torch.equal(rows.fine_start[:, 0], rows.start)
 
 
 def test_constant_and_non_finite_maps():
@@ -127,8 +109,61 @@ def test_does_not_depend_on_the_default_dtype():
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        _axis.cache_clear()
+        _taps.cache_clear()
         assert torch.equal(high_activation_boxes(maps, (224, 224))[0], ref)
     finally:
         torch.set_default_dtype(default)
-        _axis.cache_clear()
+        _taps.cache_clear()
+
+
+# ------------------------------------------------------------------------------ compiled kernels
+needs_numba = pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+
+
+@needs_numba
+def test_select_is_the_order_statistic():
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 3, 10, 257, 3000):
+        for values in (rng.standard_normal(n), rng.integers(0, 3, n), np.zeros(n)):  # with many ties
+            a = values.astype(np.float32)
+            for j in {0, n // 2, n - 1}:
+                assert cpu_kernels._select(a.copy(), n, j) == np.sort(a)[j]
+
+
+@needs_numba
+@pytest.mark.parametrize("kind", ["uniform", "normal", "prototype"])
+def test_kernel_boxes_equal_the_dense_ones_where_it_vouches_for_them(kind):
+    """Without the dense redo: where the kernel says ok its boxes are torch's, and it says ok nearly always."""
+    maps = _maps(kind, n=400)
+    ranks = _quantile_ranks(224 * 224, 95.0)
+    boxes, thr, ok = cpu_kernels.boxes_above_percentile(maps, _taps(7, 224), _taps(7, 224), (ranks[0], ranks[1], float(ranks[2])), 4e-6)
+    ref_boxes, ref_thr = dense_high_activation_boxes(maps, (224, 224))
+    assert ok.float().mean() > 0.95
+    assert torch.equal(boxes[ok], ref_boxes[ok])
+    torch.testing.assert_close(thr[ok], ref_thr[ok], rtol=1e-5, atol=1e-5 * float(maps.abs().max()))
+
+
+def test_taps_are_torch_upsampling():
+    maps = _maps("normal", n=5, h=5, w=9)
+    (ti, tw), (xi, xw) = _taps(5, 97), _taps(9, 130)
+    rows = (maps.numpy()[:, :, xi] * xw).sum(axis=-1)  # (N, 5, 130)
+    up = (rows[:, ti] * tw[None, :, :, None]).sum(axis=2)  # (N, 97, 130)
+    np.testing.assert_allclose(up, upsample_maps(maps, (97, 130)).numpy(), rtol=0, atol=1e-5 * float(maps.abs().max()))
+
+
+def test_without_numba_the_dense_path_gives_the_boxes(monkeypatch):
+    maps = _maps("prototype", n=20)
+    fast = high_activation_boxes(maps, (224, 224))[0]
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)
+    assert torch.equal(high_activation_boxes(maps, (224, 224))[0], fast)
+
+
+def test_the_redo_path_is_the_dense_computation():
+    """Maps whose boxes the kernel cannot vouch for are redone on torch's own upsampled values."""
+    from models.activation_boxes import _redo_boxes
+
+    for percentile, size in ((95.0, (224, 224)), (37.3, (97, 130)), (100.0, (50, 50)), (0.0, (31, 17)), (99.9, (137, 73))):
+        maps = _maps("normal", n=30, seed=int(percentile))
+        boxes, thr = _redo_boxes(maps, size, percentile)
+        ref_boxes, ref_thr = dense_high_activation_boxes(maps, size, percentile)
+        assert torch.equal(boxes, ref_boxes) and torch.equal(thr, ref_thr)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from models.backbones import receptive_field_of_layers
+from models import cpu_kernels
 from models.prototypes import (
     crop_patches,
     fetch_images,
@@ -208,6 +209,23 @@ def test_crop_patches_of_a_coloured_block():
     assert patches.dtype == torch.uint8 and patches.shape == (2, 3, 8, 8)
     assert (patches[0, 0] == 255).all() and (patches[0, 1:] == 0).all()
     assert (patches[1] == 0).all()
+
+
+@pytest.mark.skipif(not cpu_kernels.AVAILABLE, reason="numba is not installed")
+@pytest.mark.parametrize("channels, size", [(3, 32), (1, 8), (3, 5)])
+def test_compiled_crops_are_roi_align_byte_for_byte(channels, size, monkeypatch):
+    g = torch.Generator().manual_seed(channels * 100 + size)
+    images = torch.rand(6, channels, 61, 47, generator=g, dtype=torch.float64) * 1.2 - 0.1  # some values clamp
+    n = 300
+    x0, y0 = torch.randint(0, 47, (n,), generator=g), torch.randint(0, 61, (n,), generator=g)
+    x1 = x0 + 1 + (torch.rand(n, generator=g) * (47 - x0)).long()
+    y1 = y0 + 1 + (torch.rand(n, generator=g) * (61 - y0)).long()
+    boxes = torch.stack([x0, y0, x1, y1], 1)
+    boxes[:3] = torch.tensor([[0, 0, 47, 61], [46, 60, 47, 61], [0, 5, 1, 6]])  # whole image, corner pixel, one pixel
+    ids = torch.randint(0, 6, (n,), generator=g)
+    compiled = crop_patches(images, ids, boxes, size)
+    monkeypatch.setattr(cpu_kernels, "AVAILABLE", False)  # torchvision's roi_align
+    assert torch.equal(compiled, crop_patches(images, ids, boxes, size))
 
 
 class _IndexedDataset(torch.utils.data.Dataset):
