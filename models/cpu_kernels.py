@@ -9,6 +9,7 @@ their torch reference paths, which the tests compare these kernels against.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -63,9 +64,9 @@ def _select(a, n, j):  # pragma: no cover - compiled
 
 @_jit
 def _boxes(maps, yi, yw, xi, xw, k_low, k_up, weight, tie_rel, boxes, thresholds, ok):  # pragma: no cover - compiled
-    """Per map: upsample (taps yi/xi, weights yw/xw per output row/column, x first then y, in float32
-    like torch), take the k_low-th and k_up-th largest pixels, lerp them by `weight` as torch.lerp
-    does, and box the pixels >= that threshold. Only pixels above a bracket estimated from a subsample
+    """Per map: upsample (taps yi/xi, weights yw/xw per output row/column: x first, then y, in float32;
+    torch rounds its sums differently, hence the tie margin), take the k_low-th and k_up-th largest
+    pixels, lerp them by `weight` as torch.lerp does, and box the pixels >= that threshold. Only pixels above a bracket estimated from a subsample
     are kept, and only the rows whose bound reaches the bracket are computed. ok[m] is False where the
     bracket missed or where pixels within tie_rel * max|map| of the threshold would change the box
     (the caller redoes those with torch's own arithmetic)."""
@@ -203,6 +204,15 @@ def _crops(images, ids, boxes, size, ratio, out):  # pragma: no cover - compiled
 
 # ------------------------------------------------------------------------------------ threads
 _POOL: ThreadPoolExecutor | None = None
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _split(fn: Callable[[slice], None], total: int, minimum: int = 8) -> None:

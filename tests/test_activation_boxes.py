@@ -167,3 +167,24 @@ def test_the_redo_path_is_the_dense_computation():
         boxes, thr = _redo_boxes(maps, size, percentile)
         ref_boxes, ref_thr = dense_high_activation_boxes(maps, size, percentile)
         assert torch.equal(boxes, ref_boxes) and torch.equal(thr, ref_thr)
+
+
+def _boxes_in_child(maps):
+    torch.set_num_threads(2)  # so that the kernels use their thread pool
+    return high_activation_boxes(maps, (224, 224))[0]
+
+
+@needs_numba
+def test_kernels_work_in_a_forked_child():
+    """A child forked after the kernels' thread pool started has none of its threads: it makes its own."""
+    import multiprocessing
+
+    maps = _maps("prototype", n=64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = high_activation_boxes(maps, (224, 224))[0]
+    finally:
+        torch.set_num_threads(threads)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert torch.equal(pool.apply_async(_boxes_in_child, (maps,)).get(timeout=120), ref)
