@@ -223,9 +223,9 @@ class PushSearch:
         if len(local) == 0:
             return
         sel = ids[local]
-        src = latent[cand_b[local]]  # (n, D, h, w)
-        new = src.flatten(2)[torch.arange(len(sel), device=device), :, cand_pos[local]]  # (n, D)
-        new_map = (src - new[:, :, None, None]).pow(2).sum(dim=1)
+        src = latent.index_select(0, cand_b[local])  # (n, D, h, w), a copy
+        new = src.flatten(2)[torch.arange(len(sel), device=device), :, cand_pos[local]]  # (n, D), a copy
+        new_map = src.sub_(new[:, :, None, None]).square_().sum(dim=1)  # in place: no more (n, D, h, w) buffers
         described = {}
         if self.describe is not None:
             if images is None:
