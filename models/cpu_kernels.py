@@ -143,13 +143,16 @@ def _boxes(maps, yi, yw, xi, xw, k_low, k_up, weight, tie_rel, boxes, thresholds
         else:
             thr = v_up - (v_up - v_low) * (np.float32(1) - weight)
         thresholds[m] = thr
+        if not (np.isfinite(thr) and thr - tie >= low):  # overflow, or pixels below low could be in the box
+            ok[m] = False
+            continue
         a0, a1, a2, a3, b0, b1, b2, b3 = W, H, -1, -1, W, H, -1, -1  # boxes at thr + tie and thr - tie
         for i in range(count):
             if kept[i] >= thr - tie:
                 b0, b1, b2, b3 = min(b0, kept_x[i]), min(b1, kept_y[i]), max(b2, kept_x[i] + 1), max(b3, kept_y[i] + 1)
                 if kept[i] >= thr + tie:
                     a0, a1, a2, a3 = min(a0, kept_x[i]), min(a1, kept_y[i]), max(a2, kept_x[i] + 1), max(a3, kept_y[i] + 1)
-        ok[m] = a0 == b0 and a1 == b1 and a2 == b2 and a3 == b3
+        ok[m] = a2 >= 0 and a0 == b0 and a1 == b1 and a2 == b2 and a3 == b3
         boxes[m, 0], boxes[m, 1], boxes[m, 2], boxes[m, 3] = a0, a1, a2, a3
 
 
@@ -225,6 +228,8 @@ def _split(fn: Callable[[slice], None], total: int, minimum: int = 8) -> None:
         fn(slices[0])
         return
     if _POOL is None or _POOL._max_workers < parts:
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
         _POOL = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="izoo-kernels")
     list(_POOL.map(fn, slices))  # list() re-raises the first exception of any part
 
@@ -247,9 +252,11 @@ def boxes_above_percentile(maps: torch.Tensor, rows: tuple[np.ndarray, np.ndarra
 
 
 def crop_boxes(images: torch.Tensor, image_ids: torch.Tensor, boxes: torch.Tensor, size: int, ratio: int = 2) -> torch.Tensor:
-    """(B, C, H, W) CPU images, (N,) ids, (N, 4) int boxes inside the image -> (N, C, size, size) uint8."""
+    """(B, C, H, W) CPU images, (N,) ids, (N, 4) integer boxes inside the image -> (N, C, size, size) uint8."""
     img = images.detach().float().contiguous().numpy()
     ids, bx = image_ids.long().contiguous().numpy(), boxes.long().contiguous().numpy()
+    if len(ids) and (ids.min() < 0 or ids.max() >= len(img)):  # the kernel does not check its indices
+        raise ValueError(f"crop_boxes: image ids must be in [0, {len(img)}), got {ids.min()}..{ids.max()}")
     out = np.zeros((len(bx), img.shape[1], size, size), np.uint8)
     _split(lambda s: _crops(img, ids[s], bx[s], size, ratio, out[s]), len(bx))
     return torch.from_numpy(out)

@@ -390,7 +390,7 @@ def crop_patches(images: Tensor, image_ids: Tensor, boxes: Tensor, size: int = 3
     h, w = images.shape[-2:]
     inside = bool(((boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w) & (boxes[:, 3] <= h)
                    & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all())
-    if cpu_kernels.AVAILABLE and images.device.type == "cpu" and inside:
+    if cpu_kernels.AVAILABLE and images.device.type == "cpu" and inside and not boxes.is_floating_point():
         return cpu_kernels.crop_boxes(images, image_ids.cpu(), boxes.cpu(), size)
     from torchvision.ops import roi_align
 

@@ -188,3 +188,19 @@ def test_kernels_work_in_a_forked_child():
         torch.set_num_threads(threads)
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert torch.equal(pool.apply_async(_boxes_in_child, (maps,)).get(timeout=120), ref)
+
+
+def test_extreme_magnitudes_and_maps_that_require_grad():
+    """Found in review: float32 sums that overflow, tie margins that underflow, and autograd inputs."""
+    g = torch.Generator().manual_seed(0)
+    huge = torch.full((1, 3, 3), -3e38)
+    huge[0, 1, 1] = 3e38
+    cases = [(huge, (16, 16)), (torch.rand(16, 7, 7, generator=g) * 3.4e38, (224, 224)),
+             (torch.randn(64, 7, 7, generator=g) * 1e-43, (224, 224)), (torch.randn(16, 7, 7, generator=g) * 1e-41, (97, 130))]
+    for maps, size in cases:
+        boxes, thr = high_activation_boxes(maps, size)
+        ref_boxes, ref_thr = dense_high_activation_boxes(maps, size)
+        assert torch.equal(boxes, ref_boxes)
+        assert torch.equal(thr.isnan(), ref_thr.isnan())
+    maps = _maps("prototype", n=8).requires_grad_()
+    assert torch.equal(high_activation_boxes(maps, (224, 224))[0], dense_high_activation_boxes(maps.detach(), (224, 224))[0])

@@ -228,6 +228,20 @@ def test_compiled_crops_are_roi_align_byte_for_byte(channels, size, monkeypatch)
     assert torch.equal(compiled, crop_patches(images, ids, boxes, size))
 
 
+def test_crop_patches_of_fractional_boxes_and_bad_ids():
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(2, 3, 20, 20, generator=g)
+    boxes = torch.tensor([[2.6, 3.6, 10.4, 12.9], [0.0, 0.0, 20.0, 20.0]])
+    inner = boxes + torch.tensor([0.5, 0.5, -0.5, -0.5])
+    from torchvision.ops import roi_align
+
+    ref = roi_align(images, torch.cat([torch.tensor([[1.0], [0.0]]), inner], 1), 8, 1.0, 2, True)
+    assert torch.equal(crop_patches(images, torch.tensor([1, 0]), boxes, 8), (ref.clamp(0, 1) * 255).round().to(torch.uint8))
+    if cpu_kernels.AVAILABLE:
+        with pytest.raises(ValueError, match="image ids"):
+            cpu_kernels.crop_boxes(images, torch.tensor([2]), boxes[:1].long(), 8)
+
+
 class _IndexedDataset(torch.utils.data.Dataset):
     def __init__(self, images, labels=None):
         self.images = images
