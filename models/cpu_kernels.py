@@ -66,10 +66,11 @@ def _select(a, n, j):  # pragma: no cover - compiled
 def _boxes(maps, yi, yw, xi, xw, k_low, k_up, weight, tie_rel, boxes, thresholds, ok):  # pragma: no cover - compiled
     """Per map: upsample (taps yi/xi, weights yw/xw per output row/column: x first, then y, in float32;
     torch rounds its sums differently, hence the tie margin), take the k_low-th and k_up-th largest
-    pixels, lerp them by `weight` as torch.lerp does, and box the pixels >= that threshold. Only pixels above a bracket estimated from a subsample
-    are kept, and only the rows whose bound reaches the bracket are computed. ok[m] is False where the
-    bracket missed or where pixels within tie_rel * max|map| of the threshold would change the box
-    (the caller redoes those with torch's own arithmetic)."""
+    pixels, lerp them by `weight` as torch.lerp does, and box the pixels >= that threshold. Only the
+    pixels above a bracket estimated from a subsample are kept, and only the rows whose bound reaches
+    the bracket are computed. ok[m] is False where the bracket missed, where the threshold is not
+    finite, and where pixels within tie_rel * max|map| of the threshold would change the box (the
+    caller redoes those with torch's own arithmetic)."""
     num, h, w = maps.shape
     H, W = yi.shape[0], xi.shape[0]
     rows = np.empty((h, W), np.float32)
