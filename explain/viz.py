@@ -249,7 +249,7 @@ def _prototype_records(model) -> list[dict]:
         for node in model.structure().internal:
             p = int(model.node_prototype[node])
             records.append({"id": p, "patch": model.prototype_patch[p], "class": None, "weights": None,
-                            "source": int(model.prototype_source[p]), "box": model.prototype_box[p].tolist(),
+                            "source": int(model.prototype_source_index[p]), "box": model.prototype_box[p].tolist(),
                             "rf_box": None, "label": f"node {node}"})
         return records
     raise TypeError(f"{type(model).__name__} has no stored prototypes (need a ProtoPNet or a ProtoTree)")
@@ -494,7 +494,7 @@ def render_tree(model, path: str | Path, class_names: Sequence[str] | None = Non
     image_dir.mkdir(parents=True, exist_ok=True)
     for node in model.structure().internal:
         proto = int(model.node_prototype[node])
-        if int(model.prototype_source[proto]) >= 0:  # projected: a real image patch is stored
+        if int(model.prototype_source_index[proto]) >= 0:  # projected: a real image patch is stored
             plt.imsave(image_dir / f"node_{node}.png", to_numpy_image(model.prototype_patch[proto]))
     dot_path = path.with_suffix(".dot")
     dot_path.write_text(tree_dot(model, class_names, image_dir))
@@ -536,7 +536,7 @@ def tree_figure(model, class_names: Sequence[str] | None = None) -> Figure:
         x, y = pos[node]
         proto = int(model.node_prototype[node])
         ax.imshow(to_numpy_image(model.prototype_patch[proto]), extent=(x - 0.45, x + 0.45, y - 0.45, y + 0.45), zorder=2)
-        projected = int(model.prototype_source[proto]) >= 0
+        projected = int(model.prototype_source_index[proto]) >= 0
         ax.text(x, y + 0.5, f"node {node}" + ("" if projected else " (not projected)"), fontsize=6, ha="center", va="bottom")
     for node in s.leaves:
         x, y = pos[node]
@@ -571,7 +571,7 @@ def tree_path_figure(model, image: torch.Tensor, explanation, index: int = 0,
     n = len(steps) + 1
     fig, axes = _panels(2, n, 2.0, 2.2)
     for col, step in enumerate(steps):
-        projected = int(model.prototype_source[step["prototype"]]) >= 0
+        projected = int(model.prototype_source_index[step["prototype"]]) >= 0
         _show(axes[0, col], model.prototype_patch[step["prototype"]],
               f"node {step['node']}" + ("" if projected else " (not projected)"))
         if step["present"]:

@@ -463,7 +463,7 @@ def convert_prototree(official: Any, backbone: str | None = None, num_classes: i
                    log_probabilities=bool(tree.__dict__.get("_log_probabilities", False)),
                    derivative_free=not first_leaf._dist_params.requires_grad)
     state = _map_trunk(official_state_dict(features), model.state_dict(), "backbone.body.", backbone, source)
-    state.update({"add_on.weight": add_on[0].weight.detach().float(), "prototypes": vectors, "leaves": leaves,
+    state.update({"add_on.weight": add_on[0].weight.detach().float(), "prototype_vectors": vectors, "leaves": leaves,
                   "forced_route": forced, "node_prototype": torch.arange(num_internal)})
     meta = {"official_node_index": official_node, "official_prototype_index": official_prototype}
     return _finish(model, state, source), meta

@@ -22,20 +22,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .backbones import Backbone, ReceptiveField
-from .base import Explanation, InterpretableClassifier
-from .prototypes import (
-    NearestPatches,
-    PushResult,
-    crop_patches,
-    high_activation_boxes,
-    l2_distances,
-    nearest_patches,
-    push_prototypes,
-    receptive_field_boxes,
-    similarity,
-    upsample_maps,
-)
+from .base import Explanation
+from .prototypes import PushResult, high_activation_boxes, l2_distances, similarity, upsample_maps
 from .protopnet_cache import SimilarityCacheMixin
+from .prototype_model import PrototypeModel
 from .protopnet_schedule import PHASES, EpochPlan, check_schedule, protopnet_schedule
 from .pretrained import PretrainedEntry, register_pretrained
 from .registry import register_model
@@ -68,7 +58,7 @@ def _add_on_layers(kind: str, in_channels: int, dim: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
+class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
     """Prototypical part network.
 
     Args:
@@ -157,14 +147,7 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         # Push records, pre-registered with fixed shapes so that load_state_dict works.
         p = num_prototypes
         self.register_buffer("prototype_mask", torch.ones(p, dtype=torch.bool))  # False = pruned
-        self.register_buffer("push_epoch", torch.tensor(-1))  # Lightning epoch of the last push
-        self.register_buffer("prototype_source_index", torch.full((p,), -1))
-        self.register_buffer("prototype_position", torch.full((p, 2), -1))
-        self.register_buffer("prototype_distance", torch.full((p,), float("inf")))
-        self.register_buffer("prototype_rf_box", torch.full((p, 4), -1))  # (x0, y0, x1, y1)
-        self.register_buffer("prototype_box", torch.full((p, 4), -1))  # 95th-percentile box
-        self.register_buffer("prototype_patch", torch.zeros(p, 3, patch_size, patch_size, dtype=torch.uint8))
-        self.register_buffer("prototype_image_size", torch.zeros(2, dtype=torch.long))  # (H, W) of the push images
+        self.register_prototype_records(p, patch_size)  # push_epoch, source index, boxes, patches, ...
         self.phase = "warm"
         # Last-layer cache: (N, P) min distances by training sample index; not saved in checkpoints
         # (a resumed run rebuilds it), keyed by the tensors it depends on (models/protopnet_cache.py).
@@ -418,87 +401,35 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         return {"backbone": list(self.backbone.parameters()), "add_on": list(self.add_on.parameters()),
                 "prototypes": [self.prototype_vectors], "last_layer": list(self.last_layer.parameters())}
 
-    # ------------------------------------------------------------------------------------ push
-    def _eval_mode(self):
-        modes = {m: m.training for m in self.modules()}
-        self.eval()
-        return modes
+    # ----------------------------------------------------------------------- prototype interface
+    def prototype_tensor(self) -> Tensor:
+        return self.prototype_vectors.flatten(1)
 
-    @staticmethod
-    def _restore_mode(modes: dict[nn.Module, bool]) -> None:
-        for m, training in modes.items():
-            m.training = training
+    def assign_prototypes(self, ids: Tensor, vectors: Tensor) -> None:
+        self.prototype_vectors.data[ids] = vectors.to(self.prototype_vectors).view(len(ids), -1, 1, 1)
 
-    @torch.no_grad()
-    def push(self, loader: Iterable, epoch: int | None = None, percentile: float = 95.0) -> PushResult:
-        """Replace every prototype by its nearest latent patch from an image of its own class.
+    def similarity(self, distances: Tensor) -> Tensor:
+        """log((d + 1) / (d + 1e-4)) or -d, by the model's `similarity` argument."""
+        return similarity(distances, self.similarity_kind)
 
-        `loader` gives un-augmented dict batches with "image", "label", "index" (e.g. the
-        datamodule's `push_dataloader()`). Also records per prototype the source index, latent
-        position, distance, receptive-field box, `percentile` high-activation box and the patch.
-        Raises ValueError, before changing anything, if some class has no image in `loader`.
-        """
-        records = {"box": torch.full_like(self.prototype_box, -1), "patch": self.prototype_patch.clone(),
-                   "image_size": torch.full_like(self.prototype_box[:, :2], -1)}
-        modes = self._eval_mode()
-        try:
-            with self._fp32_distances() as latent:
-                result = push_prototypes(latent, self.prototype_vectors, loader,
-                                         allowed_classes=self.prototype_class_identity.bool(), device=self.device,
-                                         records=records, describe=lambda *args: self.push_record(*args, percentile=percentile))
-        finally:
-            self._restore_mode(modes)
-        missing = ~result.found & self.prototype_mask
-        if missing.any():
-            classes = sorted(set(self.prototype_classes[missing].tolist()))
-            raise ValueError(f"push: no image of class(es) {classes[:20]} in the push data; prototypes left unchanged")
+    def prototype_class_connection(self) -> Tensor:
+        """(P, K) the last layer's weights (pruned prototypes' columns are zero)."""
+        return self.last_layer.weight.T
 
-        found = result.found
-        records = result.records
-        sizes = records["image_size"][found].unique(dim=0)
-        if len(sizes) > 1:
-            raise ValueError(f"push: the push data has images of sizes {sizes.tolist()}; boxes need one size "
-                             "(resize in the push dataset); prototypes left unchanged")
-        size = tuple(sizes[0].tolist()) if len(sizes) else tuple(self.prototype_image_size.tolist())
-        rf_boxes = receptive_field_boxes(self.receptive_field(size[0]), self.receptive_field(size[1]), result.position.cpu())
+    def prototype_active(self) -> Tensor:
+        return self.prototype_mask
 
-        self.prototype_vectors.copy_(torch.where(found[:, None], result.vectors, self.prototype_vectors.flatten(1)).view_as(self.prototype_vectors))
-        self.prototype_source_index.copy_(result.sample_index)
-        self.prototype_position.copy_(result.position)
-        self.prototype_distance.copy_(result.distance)
-        self.prototype_rf_box.copy_(rf_boxes)
-        self.prototype_box.copy_(records["box"])
-        self.prototype_patch.copy_(records["patch"])
-        self.prototype_image_size.copy_(torch.tensor(size))
-        self.push_epoch.fill_(self.current_epoch if epoch is None else epoch)
+    def push_classes(self) -> Tensor:
+        """A prototype is pushed onto images of its own class."""
+        return self.prototype_class_identity.bool()
+
+    def push_latent(self):
+        return self._fp32_distances()
+
+    def on_push(self, result: PushResult) -> None:
         self.invalidate_similarity_cache()
-        return result
-
-    def push_record(self, images: Tensor, image_ids: Tensor, maps: Tensor, percentile: float = 95.0) -> dict[str, Tensor]:
-        """What the push keeps of new prototypes' source patches: from a batch's images (B, C, H, W), the
-        source image of each new prototype (n,) and their self-distance maps (n, h, w), "box" (n, 4)
-        high-activation boxes, "patch" (n, C, S, S) uint8 crops and "image_size" (n, 2).
-
-        Called on every improvement of the search, like the official code's box. Official: the box comes
-        from the *pre-push* prototype's map. Ours: from the pushed prototype's own map on its source image
-        (the map the model computes from now on).
-        """
-        size = tuple(images.shape[-2:])
-        boxes = high_activation_boxes(similarity(maps, self.similarity_kind), size, percentile)[0]
-        patches = crop_patches(images, image_ids, boxes, self.hparams.patch_size)
-        return {"box": boxes, "patch": patches, "image_size": torch.tensor(size, device=images.device).expand(len(maps), 2)}
 
     # --------------------------------------------------------------------- pruning and analysis
-    @torch.no_grad()
-    def nearest_patches(self, loader: Iterable, k: int = 6) -> NearestPatches:
-        """The k nearest images (by their nearest patch) of every prototype in `loader` (global analysis)."""
-        modes = self._eval_mode()
-        try:
-            with self._fp32_distances() as latent:
-                return nearest_patches(latent, self.prototype_vectors, loader, k=k, device=self.device)
-        finally:
-            self._restore_mode(modes)
-
     @torch.no_grad()
     def prune(self, loader: Iterable, k: int = 6, threshold: int = 3) -> Tensor:
         """Prune prototypes with fewer than `threshold` of their `k` nearest patches from their own class.
@@ -535,33 +466,14 @@ class ProtoPNet(SimilarityCacheMixin, InterpretableClassifier):
         min_distances = maps.amin(dim=(2, 3))
         logits = self.logits_from_distances(min_distances)
         target = self._target(logits, target)
-        sim_maps = similarity(maps, self.similarity_kind)
-        sims = similarity(min_distances, self.similarity_kind)
+        sim_maps = self.similarity(maps)
         weights = self.last_layer.weight[target]  # (B, P)
-        k = min(top_k, int(self.prototype_mask.sum()))
-        ids = sims.masked_fill(~self.prototype_mask, float("-inf")).topk(k, dim=1).indices
-        take = lambda t: t.gather(1, ids)  # noqa: E731
-        b, _, h, w = maps.shape
-        act = sim_maps.gather(1, ids[:, :, None, None].expand(b, k, h, w))
-        act_up = upsample_maps(act.flatten(0, 1), size).view(b, k, *size)
-        act_boxes = high_activation_boxes(act.flatten(0, 1), size, percentile)[0].view(b, k, 4)
+        ids = self.top_prototypes(sim_maps, top_k)
         of_target = self.prototype_class_identity.bool()[:, target].T & self.prototype_mask
         heat = torch.einsum("bp,bphw->bhw", weights * of_target, sim_maps)
         heatmap = upsample_maps(heat, size)
-        evidence = {
-            "prototype_ids": ids,
-            "similarity": take(sims),
-            "weight": take(weights),
-            "contribution": take(sims * weights),
-            "prototype_class": self.prototype_classes[ids],
-            "prototype_patch": self.prototype_patch[ids],
-            "prototype_box": self.prototype_box[ids],
-            "prototype_rf_box": self.prototype_rf_box[ids],
-            "prototype_source_index": self.prototype_source_index[ids],
-            "activation_map": act_up,
-            "box": act_boxes,
-            "boxes": high_activation_boxes(heat, size, percentile)[0],
-        }
+        evidence = self.prototype_evidence(sim_maps, weights, ids, size, percentile)
+        evidence["boxes"] = high_activation_boxes(heat, size, percentile)[0]
         return Explanation(logits=logits, target=target, heatmap=heatmap, evidence=evidence)
 
 

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import Backbone
-from .base import Explanation, InterpretableClassifier, unpack_batch
-from .prototypes import crop_patches, push_prototypes, upsample_maps
+from .base import Explanation
+from .prototype_model import PrototypeModel
+from .prototypes import upsample_maps
 from .pretrained import PretrainedEntry, register_pretrained
 from .registry import register_model
 
@@ -148,7 +149,7 @@ def greedy_route(similarity: Tensor, forced_route: Tensor, depth: int) -> tuple[
     return torch.stack(nodes, 1), torch.stack(rights, 1), node - (2**depth - 1)
 
 
-class ProtoTree(InterpretableClassifier):
+class ProtoTree(PrototypeModel):
     """Soft binary decision tree whose internal nodes are prototypes, trained end to end.
 
     Args:
@@ -173,7 +174,7 @@ class ProtoTree(InterpretableClassifier):
             the rates from the 61st epoch on, as in the official 1-based loop). Empty = constant rates.
         gamma: MultiStepLR factor (paper 0.5).
         adam_eps: eps of Adam/AdamW (paper 1e-7).
-        patch_pixels: side of the stored prototype patch images (drawn by the tree rendering).
+        patch_size: side of the stored prototype patch images (drawn by the tree rendering).
         upsample_threshold: box of a latent cell = where its bicubically upsampled one-hot mask
             exceeds 1 - upsample_threshold (official 0.98).
         **kwargs: `InterpretableClassifier` arguments (mean, std, optimizer="adamw", weight_decay, ...).
@@ -199,7 +200,7 @@ class ProtoTree(InterpretableClassifier):
         gamma: float = 0.5,
         adam_eps: float = 1e-7,
         weight_decay: float = 0.0,
-        patch_pixels: int = 32,
+        patch_size: int = 32,
         upsample_threshold: float = 0.98,
         **kwargs: Any,
     ) -> None:
@@ -223,7 +224,7 @@ class ProtoTree(InterpretableClassifier):
         self.last_block_name = self._resolve_last_block(backbone, last_block)
         self.add_on = nn.Conv2d(self.backbone.out_channels, num_features, kernel_size=1, bias=False)
         nn.init.xavier_normal_(self.add_on.weight, gain=nn.init.calculate_gain("sigmoid"))
-        self.prototypes = nn.Parameter(torch.randn(self.num_internal, num_features) * 0.1 + 0.5)  # N(0.5, 0.1)
+        self.prototype_vectors = nn.Parameter(torch.randn(self.num_internal, num_features) * 0.1 + 0.5)  # N(0.5, 0.1)
         if derivative_free:  # raw class counts, softmax-ed; changed only by `leaf_update`
             self.register_buffer("leaves", torch.zeros(self.num_leaves, num_classes))
             # The counts at the start of the epoch `leaves_epoch` (buffers, so a run resumed mid-epoch
@@ -234,11 +235,9 @@ class ProtoTree(InterpretableClassifier):
             self.leaves = nn.Parameter(torch.randn(self.num_leaves, num_classes))
         self.register_buffer("node_prototype", torch.arange(self.num_internal))
         self.register_buffer("forced_route", torch.full((self.num_internal,), -1, dtype=torch.long))
-        # Written by `project`, so that a checkpoint alone can draw its prototypes.
-        self.register_buffer("prototype_source", torch.full((self.num_internal,), -1, dtype=torch.long))
-        self.register_buffer("prototype_position", torch.zeros(self.num_internal, 2, dtype=torch.long))
-        self.register_buffer("prototype_box", torch.zeros(self.num_internal, 4, dtype=torch.long))
-        self.register_buffer("prototype_patch", torch.zeros(self.num_internal, 3, patch_pixels, patch_pixels, dtype=torch.uint8))
+        # Written by `push` (the class-constrained projection), so that a checkpoint alone can draw its
+        # prototypes; indexed by decision node (the interface's prototype j is node j).
+        self.register_prototype_records(self.num_internal, patch_size)
         self._pending_update: tuple[Tensor, Tensor, Tensor] | None = None
         self._last_output: TreeOutput | None = None
 
@@ -264,7 +263,7 @@ class ProtoTree(InterpretableClassifier):
 
     def distance_maps(self, z: Tensor) -> Tensor:
         """(B, P, h, w) Euclidean distances sqrt(|z^2 - 2 z.p + p^2| + 1e-14), P in node order."""
-        protos = self.prototypes[self.node_prototype]
+        protos = self.prototype_tensor()
         z2 = (z**2).sum(dim=1, keepdim=True)
         zp = torch.einsum("bdhw,pd->bphw", z, protos)
         p2 = (protos**2).sum(dim=1)[None, :, None, None]
@@ -428,7 +427,7 @@ class ProtoTree(InterpretableClassifier):
             "backbone": [p for p in trunk if id(p) not in block],
             "last_block": [p for p in trunk if id(p) in block],
             "add_on": list(self.add_on.parameters()),
-            "prototypes": [self.prototypes],
+            "prototypes": [self.prototype_vectors],
         }
         if not self.derivative_free:
             groups["leaves"] = [self.leaves]
@@ -534,47 +533,44 @@ class ProtoTree(InterpretableClassifier):
         allowed = (below.float() @ leaf_class) > 0
         return allowed & kept[: self.num_internal, None]
 
-    @torch.no_grad()
-    def project(self, loader: Any, device: torch.device | str | None = None) -> Any:
-        """Class-constrained projection: each kept node's prototype becomes its nearest latent patch.
+    # ------------------------------------------------------------------ prototype interface
+    def prototype_tensor(self) -> Tensor:
+        """(P, D) the prototypes of the decision nodes, in node order."""
+        return self.prototype_vectors[self.node_prototype]
 
-        Uses the shared push (`models.prototypes.push_prototypes`) with `projection_classes`; stores
-        per prototype the source index, latent position, patch box and a small patch image.
-        """
-        was_training = self.training
-        self.eval()
-        allowed = self.projection_classes()
-        protos = self.prototypes[self.node_prototype]
-        result = push_prototypes(self.latent, protos, loader, allowed_classes=allowed, device=device)
-        found = result.found.to(self.prototypes.device)
-        ids = self.node_prototype[found]
-        self.prototypes.data[ids] = result.vectors.to(self.prototypes)[found]
-        self._store_sources(loader, result, found)
-        self.train(was_training)
-        return result
+    def assign_prototypes(self, ids: Tensor, vectors: Tensor) -> None:
+        self.prototype_vectors.data[self.node_prototype[ids]] = vectors.to(self.prototype_vectors)
 
-    def _store_sources(self, loader: Any, result: Any, found: Tensor) -> None:
-        """Source index, latent cell, cell box and a patch image of every projected prototype."""
-        nodes = torch.nonzero(found)[:, 0]
-        if len(nodes) == 0:
-            return
-        index, position = result.sample_index.cpu()[nodes.cpu()], result.position.cpu()[nodes.cpu()]
-        sources, image_ids = torch.unique(index, return_inverse=True)
-        # batch["index"] of the push loader is the index into its dataset (unshuffled, un-augmented split)
-        images = torch.stack([unpack_batch(loader.dataset[int(i)])[0] for i in sources]).float()
-        h, w = result.distance_map.shape[-2:]
-        boxes = cell_boxes((h, w), tuple(images.shape[-2:]), self.hparams.upsample_threshold)
-        boxes = boxes[position[:, 0] * w + position[:, 1]]
-        protos = self.node_prototype[nodes]
-        patches = crop_patches(images, image_ids, boxes, size=self.prototype_patch.shape[-1])
-        self.prototype_patch[protos] = patches.to(self.prototype_patch.device)
-        self.prototype_box[protos] = boxes.to(self.prototype_box.device)
-        self.prototype_source[protos] = index.to(self.prototype_source.device)
-        self.prototype_position[protos] = position.to(self.prototype_position.device)
+    def distances(self, images: Tensor) -> Tensor:
+        """(B, P, h, w) Euclidean distances of every latent patch to every node's prototype."""
+        return self.distance_maps(self.latent(images))
+
+    def similarity(self, distances: Tensor) -> Tensor:
+        """The routing probability exp(-d) of going right ("present")."""
+        return torch.exp(-distances)
+
+    def prototype_class_connection(self) -> Tensor:
+        """(P, K) 1 where a class is the argmax of a kept leaf below the node (`projection_classes`)."""
+        return self.projection_classes().float()
+
+    def prototype_active(self) -> Tensor:
+        """(P,) the decision nodes of the pruned tree."""
+        return self.kept_mask()[: self.num_internal]
+
+    def push_classes(self) -> Tensor:
+        """The class constraint of the projection (`projection_classes`)."""
+        return self.projection_classes()
+
+    def push_boxes(self, similarity_maps: Tensor, image_size: tuple[int, int]) -> Tensor:
+        """The box of the best cell: where its upsampled one-hot mask exceeds 1 - `upsample_threshold`
+        (the official upsample.py)."""
+        h, w = similarity_maps.shape[-2:]
+        cells = cell_boxes((h, w), image_size, self.hparams.upsample_threshold).to(similarity_maps.device)
+        return cells[similarity_maps.flatten(1).argmax(dim=1)]
 
     # ------------------------------------------------------------------ explanation
     @torch.no_grad()
-    def explain(self, images: Tensor, target: Tensor | int | None = None) -> Explanation:
+    def explain(self, images: Tensor, target: Tensor | int | None = None, top_k: int | None = None) -> Explanation:
         """Greedy decision path of each image, its leaf distribution, and the path's similarity heatmap.
 
         logits are the greedy leaf's log distribution (the prediction the path explains); the heatmap is
@@ -582,7 +578,9 @@ class ProtoTree(InterpretableClassifier):
         evidence: ``path`` (per image, a list of dicts: node, prototype, similarity, present, box as
         (x0, y0, x1, y1)), ``leaf`` (B,), ``leaf_distribution`` (B, K), ``path_nodes`` (B, depth),
         ``path_decision`` (B, depth) bool (False for forced nodes), ``path_present`` (B, depth),
-        ``path_similarity`` (B, depth), ``path_boxes`` (B, depth, 4), ``distributed_logits`` (B, K).
+        ``path_similarity`` (B, depth), ``path_boxes`` (B, depth, 4), ``distributed_logits`` (B, K), and the
+        prototype evidence of every prototype family (`PrototypeModel.prototype_evidence`) for the `top_k`
+        (default: depth) most similar kept nodes, weighted by their connection to the target class.
         """
         out = self.tree_forward(images)
         similarity = torch.exp(-out.min_distances)
@@ -612,6 +610,9 @@ class ProtoTree(InterpretableClassifier):
             "path_nodes": nodes, "path_decision": decision, "path_present": present,
             "path_similarity": path_sim, "path_boxes": boxes, "distributed_logits": out.logits,
         }
+        ids = self.top_prototypes(maps, self.depth if top_k is None else top_k)
+        weights = self.prototype_class_connection()[:, target].T
+        evidence.update(self.prototype_evidence(maps, weights, ids, size))
         return Explanation(logits=logits, target=target, heatmap=heatmap, evidence=evidence)
 
 

@@ -1,12 +1,14 @@
-"""Prototype machinery shared by ProtoPNet and ProtoTree.
+"""Prototype machinery shared by every prototype family.
 
 Distances between latent patches and prototypes, similarity functions, the vectorised push
 (prototype projection), receptive-field and high-activation boxes, and the k nearest patches of
 every prototype (global analysis, pruning).
 
-Distances are squared L2 between 1x1 latent patches z (D,) and prototypes p (D,), computed through the
-convolution expansion ||z||^2 - 2 z.p + ||p||^2 so that no (B, P, D, h, w) tensor is ever built. The
-nearest patch under squared L2 is the nearest under L2, so ProtoTree (Euclidean) shares the push.
+The push searches in a `PushDistance` (lower = closer). The default, `SQUARED_L2`, is the squared L2
+distance between 1x1 latent patches z (D,) and prototypes p (D,), computed through the expansion
+||z||^2 - 2 z.p + ||p||^2 so that no (B, P, D, h, w) tensor is ever built. The nearest patch under squared
+L2 is the nearest under L2, so ProtoPNet (squared L2) and ProtoTree (L2) share it; a family whose
+similarity is not a distance gives its own (e.g. the negated similarity).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from .backbones import ReceptiveField
 from .chunking import AdaptiveChunks
 
 __all__ = [
+    "SQUARED_L2",
     "NearestPatches",
+    "PushDistance",
     "PushResult",
     "PushSearch",
     "crop_patches",
@@ -98,13 +102,32 @@ def similarity(distances: Tensor, kind: Literal["log", "linear"] = "log") -> Ten
 
 
 # --------------------------------------------------------------------------------------------- push
+class PushDistance:
+    """What the push and the nearest-patch search minimise, between latents and prototypes.
+
+    `maps(latent (B, D, h, w), prototypes (P, D)) -> (B, P, h, w)` and the paired form
+    `paired(latents (n, D, h, w), prototypes (n, D)) -> (n, h, w)` (latent i against prototype i; may
+    overwrite `latents`, which is a copy). Subclass it for another distance.
+    """
+
+    def maps(self, latent: Tensor, prototypes: Tensor) -> Tensor:
+        return l2_distances(latent, prototypes)
+
+    def paired(self, latents: Tensor, prototypes: Tensor) -> Tensor:
+        # In place: no more (n, D, h, w) buffers than the copy the caller made.
+        return latents.sub_(prototypes[:, :, None, None]).square_().sum(dim=1)
+
+
+SQUARED_L2 = PushDistance()
+
+
 @dataclass
 class PushResult:
     """Nearest latent patch of every prototype.
 
     Attributes:
         vectors: (P, D) nearest latent vectors (the new prototypes; the old prototype where none found).
-        distance: (P,) squared L2 distance of the nearest patch (inf where no allowed patch was seen).
+        distance: (P,) distance of the nearest patch (inf where no allowed patch was seen).
         sample_index: (P,) int64, the batch["index"] of the source sample (-1 if none).
         position: (P, 2) int64 latent (row, col) of the patch (-1 if none).
         found: (P,) bool.
@@ -166,8 +189,10 @@ class PushSearch:
 
     def __init__(self, prototypes: Tensor, allowed_classes: Tensor | None = None,
                  records: dict[str, Tensor] | None = None,
-                 describe: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]] | None = None) -> None:
+                 describe: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]] | None = None,
+                 distance: PushDistance = SQUARED_L2) -> None:
         self.protos = prototypes.detach().reshape(prototypes.shape[0], -1)
+        self.distance_fn = distance
         num, device = self.protos.shape[0], self.protos.device
         if (records is None) != (describe is None):
             raise ValueError("records and describe go together")
@@ -208,7 +233,7 @@ class PushSearch:
             if len(ids) == 0:
                 return
             may_use = may_use.index_select(1, ids)
-        per_image, pos = per_image_min(l2_distances(latent, self.protos.index_select(0, ids)))  # (B, n)
+        per_image, pos = per_image_min(self.distance_fn.maps(latent, self.protos.index_select(0, ids)))  # (B, n)
         if may_use is not None:
             per_image = per_image.masked_fill(~may_use, float("inf"))
         # Rows in sample-index order, so that the first minimum over images is the smallest index.
@@ -225,7 +250,7 @@ class PushSearch:
         sel = ids[local]
         src = latent.index_select(0, cand_b[local])  # (n, D, h, w), a copy
         new = src.flatten(2)[torch.arange(len(sel), device=device), :, cand_pos[local]]  # (n, D), a copy
-        new_map = src.sub_(new[:, :, None, None]).square_().sum(dim=1)  # in place: no more (n, D, h, w) buffers
+        new_map = self.distance_fn.paired(src, new)
         described = {}
         if self.describe is not None:
             if images is None:
@@ -275,6 +300,7 @@ def push_prototypes(
     device: torch.device | str | None = None,
     records: dict[str, Tensor] | None = None,
     describe: Callable[[Tensor, Tensor, Tensor], dict[str, Tensor]] | None = None,
+    distance: PushDistance = SQUARED_L2,
 ) -> PushResult:
     """Nearest latent patch of every prototype over one pass of `loader`, all prototypes at once.
 
@@ -287,7 +313,8 @@ def push_prototypes(
             has allowed_classes[j, k] (None = any image).
         device: where the search runs (default: the prototypes' device).
         records, describe: what to record of each prototype's source patch while its image is at
-            hand (see `PushSearch`), e.g. ProtoPNet's boxes and patch images.
+            hand (see `PushSearch`), e.g. the boxes and patch images.
+        distance: what is minimised (default squared L2).
 
     Under torch.distributed each rank searches its shard and the minima are all-gathered, so every
     rank ends with identical results. Ties are broken by the smallest sample index, then the
@@ -295,7 +322,7 @@ def push_prototypes(
     out of CUDA memory is split in halves and searched again (with a warning, once), same result.
     """
     device = torch.device(device) if device is not None else prototypes.device
-    search = PushSearch(prototypes.detach().to(device), allowed_classes, records, describe)
+    search = PushSearch(prototypes.detach().to(device), allowed_classes, records, describe, distance)
 
     def search_batch(images: Tensor, labels: Tensor, index: Tensor) -> None:
         images = images.to(device, non_blocking=True)
@@ -410,7 +437,7 @@ class NearestPatches:
     """The k nearest images of every prototype, one patch (its nearest) per image.
 
     Attributes:
-        distance: (P, k) squared L2, ascending (inf where fewer than k images were seen).
+        distance: (P, k) in the search's distance (default squared L2), ascending (inf where fewer than k images were seen).
         sample_index: (P, k) int64 batch["index"] of each neighbour (-1 where none).
         position: (P, k, 2) int64 latent (row, col) of the nearest patch in that image.
         label: (P, k) int64 label of that image (-1 where none).
@@ -437,10 +464,12 @@ def nearest_patches(
     loader: Iterable,
     k: int = 6,
     device: torch.device | str | None = None,
+    distance: PushDistance = SQUARED_L2,
 ) -> NearestPatches:
     """k nearest images (by their nearest patch) of every prototype over one pass, vectorised.
 
-    This is ProtoPNet's `find_nearest` (global analysis and pruning) without its Python double loop.
+    This is ProtoPNet's `find_nearest` (global analysis and pruning) without its Python double loop;
+    `distance` as in `push_prototypes`.
     Under torch.distributed the per-rank lists are gathered and merged. A batch that runs out of CUDA
     memory is split in halves (with a warning, once); the lists do not depend on batch size.
     """
@@ -459,7 +488,7 @@ def nearest_patches(
     def merge_batch(images: Tensor, labels: Tensor, index: Tensor) -> None:
         nonlocal d, idx, pos, lab, width
         latent = latent_fn(images.to(device, non_blocking=True))
-        per_image, where = per_image_min(l2_distances(latent, protos))  # (B, P)
+        per_image, where = per_image_min(distance.maps(latent, protos))  # (B, P)
         n = per_image.shape[0]
         merged = _top_k(
             torch.cat([d, per_image.T], 1),

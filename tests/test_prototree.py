@@ -108,7 +108,7 @@ def test_distances_are_euclidean_with_epsilon(images):
     z = model.latent(images)
     maps = model.distance_maps(z)
     zz = z.permute(0, 2, 3, 1)[:, :, :, None, :]  # (B, h, w, 1, D)
-    brute = torch.sqrt(((zz - model.prototypes) ** 2).sum(-1) + 1e-14).permute(0, 3, 1, 2)
+    brute = torch.sqrt(((zz - model.prototype_vectors) ** 2).sum(-1) + 1e-14).permute(0, 3, 1, 2)
     assert torch.allclose(maps, brute, atol=1e-5)
     assert ((z > 0) & (z < 1)).all()  # sigmoid add-on
 
@@ -288,7 +288,7 @@ def test_pruning_never_removes_root_or_everything():
 
 
 def test_projection_uses_allowed_classes_and_nearest_patch():
-    model = tiny_tree(depth=2, num_classes=3, patch_pixels=8)
+    model = tiny_tree(depth=2, num_classes=3, patch_size=8)
     model.leaves.copy_(torch.eye(3)[[0, 1, 2, 2]] * 5)  # leaf classes 0, 1 | 2, 2
     gen = torch.Generator().manual_seed(0)
     data = [{"image": torch.rand(3, 64, 64, generator=gen), "label": torch.tensor(i % 3), "index": torch.tensor(i)}
@@ -297,19 +297,19 @@ def test_projection_uses_allowed_classes_and_nearest_patch():
     allowed = model.projection_classes()
     assert allowed.tolist() == [[True, True, True], [True, True, False], [False, False, True]]
 
-    model.project(loader)
+    model.push(loader)
     with torch.no_grad():
         latents = model.latent(torch.stack([d["image"] for d in data]))  # (N, D, h, w)
     labels = torch.tensor([int(d["label"]) for d in data])
     for node in range(model.num_internal):
-        proto = model.prototypes[node]
+        proto = model.prototype_vectors[node]
         ok = allowed[node][labels]
         patches = latents[ok].permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         dist = ((patches - proto) ** 2).sum(1)
         assert dist.min() < 1e-10  # equals a latent patch of an allowed image ...
         candidates = latents[ok].permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
-        assert int(labels[model.prototype_source[node]]) in allowed[node].nonzero()[:, 0].tolist()
-        src = int(model.prototype_source[node])
+        assert int(labels[model.prototype_source_index[node]]) in allowed[node].nonzero()[:, 0].tolist()
+        src = int(model.prototype_source_index[node])
         r, c = model.prototype_position[node].tolist()
         assert torch.allclose(latents[src, :, r, c], proto, atol=1e-6)
         x0, y0, x1, y1 = model.prototype_box[node].tolist()
@@ -326,14 +326,14 @@ def test_projection_is_the_nearest_allowed_patch_before_projection():
             for i in range(6)]
     with torch.no_grad():
         latents = model.latent(torch.stack([d["image"] for d in data]))
-        old = model.prototypes.detach().clone()
+        old = model.prototype_vectors.detach().clone()
     allowed = model.projection_classes()
-    model.project(torch.utils.data.DataLoader(data, batch_size=4))
+    model.push(torch.utils.data.DataLoader(data, batch_size=4))
     labels = torch.tensor([int(d["label"]) for d in data])
     for node in range(model.num_internal):
         patches = latents[allowed[node][labels]].permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         nearest = patches[((patches - old[node]) ** 2).sum(1).argmin()]
-        assert torch.allclose(model.prototypes[node], nearest, atol=1e-6)
+        assert torch.allclose(model.prototype_vectors[node], nearest, atol=1e-6)
 
 
 def test_cell_boxes_cover_their_cell():
@@ -411,7 +411,7 @@ def test_parameter_groups_and_optimiser():
 def test_add_on_and_prototype_initialisation():
     torch.manual_seed(0)
     model = ProtoTree(num_classes=3, depth=7, backbone="test_resnet", num_features=64)
-    assert abs(model.prototypes.mean().item() - 0.5) < 0.01 and abs(model.prototypes.std().item() - 0.1) < 0.01
+    assert abs(model.prototype_vectors.mean().item() - 0.5) < 0.01 and abs(model.prototype_vectors.std().item() - 0.1) < 0.01
     assert model.add_on.bias is None and model.add_on.kernel_size == (1, 1)
     fan_in, fan_out = model.add_on.in_channels, model.add_on.out_channels
     assert abs(model.add_on.weight.std().item() - math.sqrt(2 / (fan_in + fan_out))) < 0.02  # xavier, gain 1
@@ -423,7 +423,7 @@ def test_gradients_reach_prototypes_and_leaves(images):
     model = tiny_tree(derivative_free=False).train()
     loss = F.nll_loss(model(images), torch.tensor([0, 1, 2, 3, 0]))
     loss.backward()
-    assert model.prototypes.grad.abs().sum() > 0 and model.leaves.grad.abs().sum() > 0
+    assert model.prototype_vectors.grad.abs().sum() > 0 and model.leaves.grad.abs().sum() > 0
     assert model.add_on.weight.grad.abs().sum() > 0
 
 

@@ -163,9 +163,9 @@ def test_projected_prototypes_are_latent_patches_of_allowed_classes(pipeline_run
         latents = torch.cat([model.latent(b["image"]) for b in batches])
         labels = torch.cat([b["label"] for b in batches])
     for node in model.structure().internal:
-        src, (r, c) = int(model.prototype_source[node]), model.prototype_position[node].tolist()
+        src, (r, c) = int(model.prototype_source_index[node]), model.prototype_position[node].tolist()
         assert allowed[node, labels[src]]
-        assert torch.allclose(model.prototypes[node], latents[src, :, r, c], atol=1e-5)
+        assert torch.allclose(model.prototype_vectors[node], latents[src, :, r, c], atol=1e-5)
 
 
 def test_final_tree_checkpoint_reloads_with_its_pruning(pipeline_run):

@@ -38,7 +38,7 @@ def checkpoints(tmp_path_factory):
     protopnet = create_model("protopnet_test_resnet", num_classes=3, stage=2).eval()
     protopnet.push(dm.push_dataloader())
     tree = create_model("prototree_test_resnet", num_classes=3, depth=2).eval()
-    tree.project(dm.push_dataloader())
+    tree.push(dm.push_dataloader())
     icnn = create_model("icnn_test_resnet", num_classes=3).eval()
     cam = create_model("cam_test_resnet", num_classes=3).eval()
     meta = {"dataset": "SyntheticParts", "image_size": 32}

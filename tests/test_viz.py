@@ -54,7 +54,7 @@ def tree(loader):
     model = create_model("prototree_test_resnet", num_classes=3, depth=3, stage=2).eval()  # 4x4 latent cells
     with torch.no_grad():
         model.leaves.copy_(torch.randn(model.leaves.shape, generator=torch.Generator().manual_seed(1)) * 3)
-    model.project(loader)
+    model.push(loader)
     return model
 
 

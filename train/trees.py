@@ -149,7 +149,7 @@ class ProtoTreePipeline(pl.Callback):
             results["removed_nodes"] = pl_module.prune(self.pruning_threshold)
             results["pruned"] = evaluate_tree(pl_module, loader)
         if self.project:
-            push = pl_module.project(datamodule.push_dataloader(), device=pl_module.device)
+            push = pl_module.push(datamodule.push_dataloader())
             results["projected_prototypes"] = int(push.found.sum())
             results["pruned_and_projected" if self.prune else "projected"] = evaluate_tree(pl_module, loader)
         self.results = results
