@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from models.prototypes import similarity
 
 from .dissect import layer_output
 
@@ -63,21 +62,17 @@ def class_logit(target: int | Sequence[int] | Tensor) -> Objective:
 
 
 def prototype_similarity(prototype: int | Sequence[int] | Tensor) -> Objective:
-    """Similarity of prototype `prototype` to its closest latent patch, as the model scores it:
-    ProtoPNet's log / linear similarity of the minimum distance, ProtoTree's exp(-distance)."""
+    """Similarity of prototype `prototype` to its most similar latent patch, in the model's own similarity
+    (`similarity_maps` of the prototype interface: ProtoPNet's log or linear similarity, ProtoTree's exp(-d))."""
 
     def objective(model: nn.Module, images: Tensor) -> Tensor:
-        if callable(getattr(model, "distances", None)) and hasattr(model, "similarity_kind"):  # ProtoPNet
-            d, kind = model.distances(images), model.similarity_kind
-        elif callable(getattr(model, "distance_maps", None)) and callable(getattr(model, "latent", None)):  # ProtoTree
-            d, kind = model.distance_maps(model.latent(images)), None
-        else:
-            raise TypeError(f"{type(model).__name__} has no prototypes (no distances() or distance_maps())")
-        index = _per_image(prototype, len(images), d.device)
-        if int(index.max()) >= d.shape[1] or int(index.min()) < 0:
-            raise ValueError(f"prototype index out of range 0..{d.shape[1] - 1}: {index.tolist()}")
-        nearest = d.flatten(2).amin(dim=2).gather(1, index[:, None])[:, 0]
-        return torch.exp(-nearest) if kind is None else similarity(nearest, kind)
+        if not callable(getattr(model, "similarity_maps", None)):
+            raise TypeError(f"{type(model).__name__} has no prototypes (no similarity_maps())")
+        sims = model.similarity_maps(images)
+        index = _per_image(prototype, len(images), sims.device)
+        if int(index.max()) >= sims.shape[1] or int(index.min()) < 0:
+            raise ValueError(f"prototype index out of range 0..{sims.shape[1] - 1}: {index.tolist()}")
+        return sims.flatten(2).amax(dim=2).gather(1, index[:, None])[:, 0]
 
     return objective
 

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from models.prototypes import fetch_images, high_activation_boxes, similarity  # noqa: E402
+from models.prototypes import fetch_images  # noqa: E402
 
 __all__ = [
     "HEATMAP_CMAP", "ACTIVATION_COLOR", "RF_COLOR", "WRONG_COLOR", "to_numpy_image", "overlay_heatmap", "heatmap_figure",
@@ -235,24 +235,19 @@ def log_figure(fig: Figure, key: str, loggers: Iterable[Any] = (), directory: st
 
 # ------------------------------------------------------------------------------------ prototypes
 def _prototype_records(model) -> list[dict]:
-    """Per drawable prototype of a ProtoPNet (unpruned) or a ProtoTree (kept nodes): patch, captions, boxes."""
-    if hasattr(model, "prototype_class_identity"):  # ProtoPNet
-        keep = model.prototype_mask.cpu()
-        classes = model.prototype_class_identity.argmax(dim=1).cpu()
-        weights = model.last_layer.weight.detach().cpu()
-        return [{"id": j, "patch": model.prototype_patch[j], "class": int(classes[j]), "weights": weights[:, j],
-                 "source": int(model.prototype_source_index[j]), "box": model.prototype_box[j].tolist(),
-                 "rf_box": model.prototype_rf_box[j].tolist(), "label": f"p{j}"}
-                for j in keep.nonzero().squeeze(1).tolist()]
-    if hasattr(model, "node_prototype"):  # ProtoTree: the prototypes of the kept decision nodes
-        records = []
-        for node in model.structure().internal:
-            p = int(model.node_prototype[node])
-            records.append({"id": p, "patch": model.prototype_patch[p], "class": None, "weights": None,
-                            "source": int(model.prototype_source_index[p]), "box": model.prototype_box[p].tolist(),
-                            "rf_box": None, "label": f"node {node}"})
-        return records
-    raise TypeError(f"{type(model).__name__} has no stored prototypes (need a ProtoPNet or a ProtoTree)")
+    """Per active prototype of any prototype model: patch, name, class (None = none), weights, source, boxes."""
+    if not callable(getattr(model, "prototype_active", None)):
+        raise TypeError(f"{type(model).__name__} has no stored prototypes (not a prototype model)")
+    classes = model.prototype_classes.cpu()
+    weights = model.prototype_class_connection().detach().cpu()
+    records = []
+    for j in model.prototype_active().nonzero().squeeze(1).tolist():
+        has_class = int(classes[j]) >= 0
+        records.append({"id": j, "patch": model.prototype_patch[j], "class": int(classes[j]) if has_class else None,
+                        "weights": weights[j] if has_class else None, "source": int(model.prototype_source_index[j]),
+                        "box": model.prototype_box[j].tolist(), "rf_box": model.prototype_rf_box[j].tolist(),
+                        "label": model.prototype_name(j)})
+    return records
 
 
 def _source_images(source, indices: Sequence[int]) -> torch.Tensor:
@@ -272,9 +267,9 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
                       source=None, top_weights: int = 2, maximize_steps: int = 0, maximize_size: int | None = None) -> Figure:
     """Every stored prototype patch with its class and largest last-layer weights.
 
-    Reads only the model's buffers (ProtoPNet: ``prototype_patch``, ``prototype_class_identity``,
-    ``prototype_source_index``, ``prototype_mask``; ProtoTree: the kept nodes' patches), so a checkpoint
-    alone draws its prototypes; pruned prototypes are left out. With `source` (the push images as a
+    Reads only the prototype interface's records (``prototype_patch``, ``prototype_source_index``, the
+    boxes, `prototype_classes`, `prototype_class_connection`), so a checkpoint alone draws its prototypes;
+    inactive (pruned, bypassed) prototypes are left out. With `source` (the push images as a
     tensor, loader or dataset, indexed by sample index) each patch gets its source image beside it,
     with the receptive field (cyan) and the high-activation box (yellow). With `maximize_steps` > 0 each
     prototype also gets the image that maximises its similarity (`explain.maximize`, Simonyan et al.'s
@@ -331,12 +326,12 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
 
 def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: int = 0, top_k: int = 5,
                          class_names: Sequence[str] | None = None, source=None) -> Figure:
-    """ProtoPNet's local analysis of one image: its top-k prototypes, then the class scores.
+    """The local analysis of one image ("this looks like that"): its top-k prototypes, then the class scores.
 
     Row i: the test image with the region most similar to prototype i (yellow box), its similarity
     map, the prototype's patch (and its source image when `source` is given), and similarity x weight
     = contribution to the explained class. The last row sums similarity x weight per class over all
-    prototypes (the logits) and over the k shown.
+    prototypes and over the k shown (for a linear last layer, the first is the logit).
     """
     image = images[index] if images.dim() == 4 else images
     if explanation is None:
@@ -345,7 +340,7 @@ def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: i
         index = 0
     ev = explanation.evidence
     if "prototype_ids" not in ev:
-        raise ValueError("this_looks_like_that needs a ProtoPNet explanation (evidence without 'prototype_ids')")
+        raise ValueError("this_looks_like_that needs a prototype model's explanation (evidence without 'prototype_ids')")
     ids = ev["prototype_ids"][index][:top_k].cpu()
     k = len(ids)
     target = int(explanation.target[index])
@@ -362,7 +357,7 @@ def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: i
         _draw_box(axes[0], ev["box"][index, i].tolist())
         _show(axes[1], overlay_heatmap(image, ev["activation_map"][index, i]), "similarity map" if i == 0 else None)
         cls = _class_name(int(ev["prototype_class"][index, i]), class_names)
-        _show(axes[2], ev["prototype_patch"][index, i], f"... looks like p{j} ({cls})")
+        _show(axes[2], ev["prototype_patch"][index, i], f"... looks like {model.prototype_name(j)} ({cls})")
         if src is not None:
             _show(axes[3], src[i], f"source #{int(model.prototype_source_index[j])}")
             _draw_box(axes[3], ev["prototype_rf_box"][index, i].tolist(), RF_COLOR)
@@ -374,10 +369,10 @@ def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: i
     ax = fig.add_subplot(grid[k, :])
     logits = explanation.logits[index].detach().float().cpu()
     sims = ev["similarity"][index][:top_k].detach().float().cpu()
-    shown = (sims[None] * model.last_layer.weight.detach().cpu()[:, ids]).sum(dim=1)
+    shown = (sims[None] * model.prototype_class_connection().detach().cpu().T[:, ids]).sum(dim=1)
     order = logits.argsort(descending=True)[: min(5, len(logits))].tolist()[::-1]
     y = np.arange(len(order))
-    ax.barh(y - 0.18, logits[order].numpy(), height=0.36, color="0.35", label="all prototypes (logit)")
+    ax.barh(y - 0.18, logits[order].numpy(), height=0.36, color="0.35", label="model (logit)")
     ax.barh(y + 0.18, shown[order].numpy(), height=0.36, color="tab:orange", label=f"top {k} shown")
     ax.set_yticks(y, [_class_name(c, class_names) + (" (explained)" if c == target else "") for c in order], fontsize=7)
     ax.set_xlabel("Σ similarity × weight per class", fontsize=7)
@@ -398,15 +393,16 @@ def _as_loader(loader):
 @torch.no_grad()
 def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] | None = None, k: int = 4,
                     class_names: Sequence[str] | None = None, names: tuple[str, str] = ("train", "test")) -> Figure:
-    """ProtoPNet's global analysis: for each prototype, its patch and its k nearest images (one patch each)
+    """The global analysis of ProtoPNet for any prototype model: for each prototype, its patch and its k
+    nearest images (one patch each)
     in `loader` (e.g. the push data) and optionally `test_loader`, with the patch's high-activation box.
 
     Neighbours of another class than the prototype's are titled in red (what pruning removes).
     Loaders give dict batches with "image", "label", "index"; a dict of tensors works too. `names`
     label the two sets in titles.
     """
-    _require(model, "nearest_patches", "a ProtoPNet", "global_analysis")
-    ids = list(prototypes) if prototypes is not None else model.prototype_mask.nonzero().squeeze(1)[:8].tolist()
+    _require(model, "nearest_patches", "a prototype model", "global_analysis")
+    ids = list(prototypes) if prototypes is not None else model.prototype_active().nonzero().squeeze(1)[:8].tolist()
     splits = [(names[0], _as_loader(loader))] + ([(names[1], _as_loader(test_loader))] if test_loader is not None else [])
     columns = []  # per split: name, found (P, k), the found neighbours' images and boxes, labels, distances, indices
     for name, ldr in splits:
@@ -415,16 +411,15 @@ def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] |
         found = sel >= 0
         images = _source_images(ldr, sel[found].tolist())
         with _evaluating(model):
-            maps = model.distances(images.to(model.device))
+            maps = model.similarity_maps(images.to(model.device))
         rows = torch.arange(len(ids))[:, None].expand_as(sel)[found]
         proto = torch.as_tensor(ids)[rows]
-        sim = similarity(maps[torch.arange(len(images)), proto.to(maps.device)], model.similarity_kind)
-        boxes = high_activation_boxes(sim, tuple(images.shape[-2:]))[0].cpu()
+        boxes = model.push_boxes(maps[torch.arange(len(images)), proto.to(maps.device)], tuple(images.shape[-2:])).cpu()
         columns.append((name, found, images, boxes, near.label[ids].cpu(), near.distance[ids].cpu(), sel))
     fig, axes = _panels(len(ids), 1 + k * len(columns), 1.4, 1.55)
     classes = model.prototype_classes.cpu()
     for r, j in enumerate(ids):
-        _show(axes[r, 0], model.prototype_patch[j], f"p{j} · {_class_name(classes[j], class_names)}")
+        _show(axes[r, 0], model.prototype_patch[j], f"{model.prototype_name(j)} · {_class_name(classes[j], class_names)}")
     for s, (name, found, images, boxes, labels, dists, sel) in enumerate(columns):
         n = 0
         for r in range(len(ids)):
@@ -433,7 +428,7 @@ def global_analysis(model, loader, test_loader=None, prototypes: Sequence[int] |
                 if not found[r, c]:
                     ax.axis("off")
                     continue
-                wrong = int(labels[r, c]) >= 0 and int(labels[r, c]) != int(classes[ids[r]])
+                wrong = int(labels[r, c]) >= 0 and int(classes[ids[r]]) >= 0 and int(labels[r, c]) != int(classes[ids[r]])
                 _show(ax, images[n], f"{name} #{int(sel[r, c])} d={float(dists[r, c]):.2f}", WRONG_COLOR if wrong else "black")
                 _draw_box(ax, boxes[n].tolist())
                 n += 1
@@ -493,9 +488,8 @@ def render_tree(model, path: str | Path, class_names: Sequence[str] | None = Non
     image_dir = path.with_name(path.stem + "_patches")
     image_dir.mkdir(parents=True, exist_ok=True)
     for node in model.structure().internal:
-        proto = int(model.node_prototype[node])
-        if int(model.prototype_source_index[proto]) >= 0:  # projected: a real image patch is stored
-            plt.imsave(image_dir / f"node_{node}.png", to_numpy_image(model.prototype_patch[proto]))
+        if int(model.prototype_source_index[node]) >= 0:  # projected: a real image patch is stored
+            plt.imsave(image_dir / f"node_{node}.png", to_numpy_image(model.prototype_patch[node]))
     dot_path = path.with_suffix(".dot")
     dot_path.write_text(tree_dot(model, class_names, image_dir))
     dot = shutil.which("dot")
@@ -534,9 +528,8 @@ def tree_figure(model, class_names: Sequence[str] | None = None) -> Figure:
                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
     for node in s.internal:
         x, y = pos[node]
-        proto = int(model.node_prototype[node])
-        ax.imshow(to_numpy_image(model.prototype_patch[proto]), extent=(x - 0.45, x + 0.45, y - 0.45, y + 0.45), zorder=2)
-        projected = int(model.prototype_source_index[proto]) >= 0
+        ax.imshow(to_numpy_image(model.prototype_patch[node]), extent=(x - 0.45, x + 0.45, y - 0.45, y + 0.45), zorder=2)
+        projected = int(model.prototype_source_index[node]) >= 0
         ax.text(x, y + 0.5, f"node {node}" + ("" if projected else " (not projected)"), fontsize=6, ha="center", va="bottom")
     for node in s.leaves:
         x, y = pos[node]
@@ -571,8 +564,8 @@ def tree_path_figure(model, image: torch.Tensor, explanation, index: int = 0,
     n = len(steps) + 1
     fig, axes = _panels(2, n, 2.0, 2.2)
     for col, step in enumerate(steps):
-        projected = int(model.prototype_source_index[step["prototype"]]) >= 0
-        _show(axes[0, col], model.prototype_patch[step["prototype"]],
+        projected = int(model.prototype_source_index[step["node"]]) >= 0
+        _show(axes[0, col], model.prototype_patch[step["node"]],
               f"node {step['node']}" + ("" if projected else " (not projected)"))
         if step["present"]:
             _show(axes[1, col], image, f"Present, similarity {step['similarity']:.2f}")

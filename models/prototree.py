@@ -553,6 +553,14 @@ class ProtoTree(PrototypeModel):
         """(P, K) 1 where a class is the argmax of a kept leaf below the node (`projection_classes`)."""
         return self.projection_classes().float()
 
+    @property
+    def prototype_classes(self) -> Tensor:
+        """(P,) -1: a decision node serves every class of the leaves below it, none in particular."""
+        return torch.full((self.num_internal,), -1, dtype=torch.long, device=self.forced_route.device)
+
+    def prototype_name(self, j: int) -> str:
+        return f"node {j}"
+
     def prototype_active(self) -> Tensor:
         """(P,) the decision nodes of the pruned tree."""
         return self.kept_mask()[: self.num_internal]

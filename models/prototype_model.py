@@ -16,6 +16,7 @@ a family provides                        meaning
 ``prototype_active()``                   (P,) bool: prototypes in use (not pruned, not bypassed)
 ``push_classes()``                       (P, K) bool: classes whose images a prototype may be pushed onto
 ``receptive_field(size)``                receptive field of one latent cell at an input size
+``prototype_name(j)``                    how views name prototype j (default ``p<j>``)
 ======================================  ===============================================================
 
 and gets ``similarity_maps``, ``prototype_classes`` (a property), one ``push`` (every prototype at once, on the model's
@@ -93,6 +94,10 @@ class PrototypeModel(InterpretableClassifier):
     def push_classes(self) -> Tensor | None:
         """(P, K) bool: the classes whose images each prototype may be pushed onto (None = any)."""
         return None
+
+    def prototype_name(self, j: int) -> str:
+        """How views name prototype `j`."""
+        return f"p{j}"
 
     def receptive_field(self, image_size: int) -> ReceptiveField:
         """Of one latent cell (the add-on layers of the zoo's families are 1x1, so the trunk's)."""

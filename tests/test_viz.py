@@ -223,7 +223,7 @@ def test_this_looks_like_that_rows_contributions_and_class_sums(protopnet, data)
     assert "explained as" in _suptitle(fig)
     plt.close(fig)
     cam = create_model("cam_test_resnet", num_classes=3).eval()
-    with pytest.raises(ValueError, match="ProtoPNet explanation"):
+    with pytest.raises(ValueError, match="prototype model.s explanation"):
         viz.this_looks_like_that(cam, data.images[:1], cam.explain(data.images[:1]))
 
 
@@ -444,7 +444,7 @@ def test_push_callback_sends_the_gallery_to_an_image_logger_and_writes_the_png(t
 def test_figures_of_another_family_fail_with_one_clear_line(protopnet, tree, data):
     cam = create_model("cam_test_resnet", num_classes=3).eval()
     x = data.images[:2]
-    with pytest.raises(TypeError, match="global_analysis needs a ProtoPNet, got CAMNet"):
+    with pytest.raises(TypeError, match="global_analysis needs a prototype model, got CAMNet"):
         viz.global_analysis(cam, {"image": x})
     with pytest.raises(TypeError, match="tree_figure needs a ProtoTree, got ProtoPNet"):
         viz.tree_figure(protopnet)
