@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from .phases import EpochPlan
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -210,6 +212,28 @@ class InterpretableClassifier(pl.LightningModule):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Named parameter groups; each can get its own learning rate through `group_lr`."""
         return {"all": [p for p in self.parameters() if p.requires_grad]}
+
+    # ----------------------------------------------------------------- phases (see models.phases)
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """The plan of a Lightning epoch (default: the current one); one phase unless a family declares more."""
+        return EpochPlan("train", self.current_epoch if epoch is None else epoch)
+
+    def enter_phase(self, plan: EpochPlan) -> None:
+        """Set trainable parameters, learning rates and modes for the epoch's plan (called by the phase callback)."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Without the phase callback (a plain Trainer), a plan without data actions is still entered.
+        if getattr(self, "_phase_epoch", None) != self.current_epoch:
+            self.enter_phase(self.plan())
+            self._phase_epoch = self.current_epoch
+
+    def action_done(self, action: str, epoch: int) -> bool:
+        """Whether the data action of `epoch` already ran (a resumed run does not repeat it)."""
+        return False
+
+    def run_action(self, action: str, loader: Any, epoch: int) -> Any:
+        """Run a data action of the plan (e.g. "push") over `loader`; returns what the action returns."""
+        raise ValueError(f"{type(self).__name__} has no training action {action!r}")
 
     def compute_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Logits and the named loss terms; ``"loss"`` is the total that is minimised."""

@@ -84,6 +84,10 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         cache_last_layer: in last-layer epochs, train the last layer on the min distances of every
             training image computed once (after each push, or when a run resumes there) instead of
             running the network every pass; see `similarity_cache`.
+        prune_epoch: Lightning epoch at whose start the prototypes are pruned (`prune`; a last-layer epoch
+            after a push, e.g. the first epoch after the schedule's last push and its last-layer passes:
+            extend trainer.max_epochs by the fine-tuning passes, officially 100 iterations); None = never.
+        prune_k, prune_threshold: pruning's k nearest patches and own-class threshold (official 6, 3).
         **kwargs: `InterpretableClassifier` arguments (mean, std, check_finite); its optimiser
             arguments do not apply (the phases have their own).
     """
@@ -120,6 +124,9 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         freeze_bn_stats: bool = False,
         patch_size: int = 32,
         cache_last_layer: bool = False,
+        prune_epoch: int | None = None,
+        prune_k: int = 6,
+        prune_threshold: int = 3,
         **kwargs: Any,
     ) -> None:
         if num_classes < 2:
@@ -130,6 +137,9 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         if similarity not in ("log", "linear"):
             raise ValueError(f"unknown similarity {similarity!r}; expected 'log' or 'linear'")
         check_schedule(num_warm_epochs, push_start, push_every, last_layer_epochs, num_train_epochs)
+        if prune_k < 1 or not 0 <= prune_threshold <= prune_k:
+            raise ValueError(f"ProtoPNet pruning: need prune_k >= 1 and 0 <= prune_threshold <= prune_k, "
+                             f"got prune_k={prune_k}, prune_threshold={prune_threshold}")
         self.automatic_optimization = False
         self.similarity_kind = similarity
 
@@ -267,12 +277,31 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
 
     # ---------------------------------------------------------------------------------- phases
     def plan(self, epoch: int | None = None) -> EpochPlan:
-        """The schedule's plan for a Lightning epoch (default: the current one)."""
+        """The schedule's plan for a Lightning epoch (default: the current one), with the pruning at
+        `prune_epoch`."""
         hp = self.hparams
-        return protopnet_schedule(
-            self.current_epoch if epoch is None else epoch,
-            hp.num_warm_epochs, hp.push_start, hp.push_every, hp.last_layer_epochs, hp.num_train_epochs,
-        )
+        epoch = self.current_epoch if epoch is None else epoch
+        plan = protopnet_schedule(epoch, hp.num_warm_epochs, hp.push_start, hp.push_every, hp.last_layer_epochs,
+                                  hp.num_train_epochs)
+        if hp.get("prune_epoch") is not None and epoch == hp.prune_epoch:
+            first_push = next((e for e in range(epoch + 1) if protopnet_schedule(
+                e, hp.num_warm_epochs, hp.push_start, hp.push_every, hp.last_layer_epochs, hp.num_train_epochs).push), None)
+            if plan.phase != "last" or first_push is None or first_push > epoch:
+                raise ValueError(f"ProtoPNet schedule: prune_epoch={epoch} must be a last-layer epoch after a push "
+                                 f"(epoch {epoch} is {plan.phase!r})")
+            plan = EpochPlan(plan.phase, plan.epoch, (*plan.actions, "prune"), plan.joint_epochs)
+        return plan
+
+    def action_done(self, action: str, epoch: int) -> bool:
+        # A pruning can run again on resume: the same nearest patches prune nothing more.
+        return action == "push" and int(self.push_epoch) == epoch
+
+    def run_action(self, action: str, loader: Iterable, epoch: int) -> Any:
+        if action == "push":
+            return self.push(loader, epoch=epoch)
+        if action == "prune":
+            return self.prune(loader, k=self.hparams.prune_k, threshold=self.hparams.prune_threshold)
+        return super().run_action(action, loader, epoch)
 
     def schedule_length(self) -> int | None:
         """Lightning epochs needed to finish `num_train_epochs` (None when unbounded)."""
@@ -332,12 +361,11 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
             rank_zero_warn("cache_last_layer: last-layer epochs train on the eval-mode network, so the trunk's "
                            "BatchNorm statistics stay fixed there (as with freeze_bn_stats=True; officially they move)")
 
-    def on_train_epoch_start(self) -> None:
-        plan = self.plan()
+    def enter_phase(self, plan: EpochPlan) -> None:
         if plan.push and int(self.push_epoch) != self.current_epoch:
             raise RuntimeError(
                 f"epoch {self.current_epoch} starts the last-layer phase after the push of official epoch "
-                f"{plan.epoch}, but no push ran: add train.prototypes.PrototypePush to trainer.callbacks"
+                f"{plan.epoch}, but no push ran: add train.phases.Phases to trainer.callbacks"
             )
         self.set_phase(plan.phase)
         if plan.phase == "joint":
@@ -348,13 +376,6 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         self._use_cache = plan.phase == "last" and bool(self.hparams.get("cache_last_layer")) and self._prepare_cache()
         if not self._use_cache:
             self.invalidate_similarity_cache()  # outside the cached phase it is stale or unused: free it
-        self._prepared_epoch = self.current_epoch
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Lightning does not call on_train_epoch_start when it restarts mid-epoch from a checkpoint:
-        # then the phase, learning rates and cache of the epoch are set before its first batch here.
-        if getattr(self, "_prepared_epoch", None) != self.current_epoch:
-            self.on_train_epoch_start()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -368,6 +389,11 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
+        if self.phase == "last" and not self.prototype_mask.all():
+            # Official: pruned prototypes are removed with their columns. Adam's moments would move the
+            # masked columns away from 0, so they are held at exactly 0 after every step.
+            with torch.no_grad():
+                self.last_layer.weight[:, ~self.prototype_mask] = 0
         return loss.detach()
 
     def on_validation_epoch_end(self) -> None:

@@ -7,29 +7,12 @@ with a one-line error before anything trains. Facts: ``specs/protonets.md`` sect
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+
+from .phases import EpochPlan
 
 __all__ = ["EpochPlan", "PHASES", "check_schedule", "protopnet_schedule"]
 
 PHASES = ("warm", "joint", "last")
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """What one Lightning epoch does.
-
-    Attributes:
-        phase: ``"warm"`` (add-on + prototypes), ``"joint"`` (all but the last layer) or ``"last"``.
-        epoch: the official epoch it belongs to (a push epoch owns its last-layer epochs).
-        push: the prototypes are pushed at the start of this epoch (i.e. right after the official
-            push epoch's training and evaluation).
-        joint_epochs: joint epochs started so far, this one included.
-    """
-
-    phase: str
-    epoch: int
-    push: bool
-    joint_epochs: int
 
 
 def check_schedule(
@@ -94,13 +77,13 @@ def protopnet_schedule(
     first, joint = 0, 0  # first Lightning epoch of official epoch e; joint epochs so far
     for e in itertools.count():
         if num_train_epochs is not None and e == num_train_epochs:
-            return EpochPlan("last", e - 1, False, joint)
+            return EpochPlan("last", e - 1, (), joint)
         phase = "warm" if e < num_warm_epochs else "joint"
         joint += phase == "joint"
         span = 1 + (last_layer_epochs if e >= push_start and e % push_every == 0 else 0)
         if lightning_epoch < first + span:
             if lightning_epoch == first:
-                return EpochPlan(phase, e, False, joint)
-            return EpochPlan("last", e, lightning_epoch == first + 1, joint)
+                return EpochPlan(phase, e, (), joint)
+            return EpochPlan("last", e, ("push",) if lightning_epoch == first + 1 else (), joint)
         first += span
     raise AssertionError("unreachable")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone
 from .base import Explanation
+from .phases import EpochPlan
 from .prototype_model import PrototypeModel
 from .prototypes import upsample_maps
 from .pretrained import PretrainedEntry, register_pretrained
@@ -386,8 +387,13 @@ class ProtoTree(PrototypeModel):
         self.leaves.copy_(leaf_update(self.leaves, self.leaves_epoch_start, num_batches, path, y, labels,
                                       self.log_probabilities))
 
-    def on_train_epoch_start(self) -> None:
-        frozen = self.current_epoch < self.hparams.freeze_epochs
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """``"warm"`` (the `lr_net` group frozen) while epoch < `freeze_epochs`, then ``"joint"``."""
+        epoch = self.current_epoch if epoch is None else epoch
+        return EpochPlan("warm" if epoch < self.hparams.freeze_epochs else "joint", epoch)
+
+    def enter_phase(self, plan: EpochPlan) -> None:
+        frozen = plan.phase == "warm"
         for param in self.parameter_groups()["backbone"]:
             param.requires_grad_(not frozen)
         if self.derivative_free and int(self.leaves_epoch) != self.current_epoch:

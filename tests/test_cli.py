@@ -111,9 +111,10 @@ def test_wrong_type_and_unknown_backbone_fail_before_training(repo_root, tmp_pat
 
 def test_trainer_gets_crash_safe_checkpoints_and_the_resume_hooks(tmp_path):
     from train.cli import ZooCLI
-    from train.resume import AtomicCheckpointIO, EpochStartAfterResume
+    from train.phases import Phases
+    from train.resume import AtomicCheckpointIO
 
     cli = ZooCLI(args=["--config", "configs/cam/synthetic.yaml", "--trainer.logger", "false",
                        "--runs_root", str(tmp_path)], run=False, parser_kwargs={"default_env": False})
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
-    assert sum(isinstance(c, EpochStartAfterResume) for c in cli.trainer.callbacks) == 1
+    assert sum(isinstance(c, Phases) for c in cli.trainer.callbacks) == 1

@@ -12,7 +12,7 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from models import ProtoPNet, create_model
-from train.prototypes import PrototypePush, PrunePrototypes
+from train.phases import Phases
 
 # num_train_epochs=3 with a push after official epoch 2 and two last-layer epochs:
 # Lightning epochs 0 warm | 1, 2 joint | 3 (push first), 4 last | 5 last (after the schedule: pruning).
@@ -52,9 +52,23 @@ class TinyData(pl.LightningDataModule):
         return torch.utils.data.DataLoader(self.data, batch_size=7)
 
 
-def _model():
+def _model(**kwargs):
     torch.manual_seed(0)
-    return create_model("protopnet_test_resnet", num_classes=3, stage=2, **SCHEDULE)
+    return create_model("protopnet_test_resnet", num_classes=3, stage=2, **SCHEDULE, **kwargs)
+
+
+PRUNING = {"prune_epoch": 5, "prune_k": 4, "prune_threshold": 2}
+
+
+class Pruned:
+    """The ids the phase callback's pruning of epoch 5 returned."""
+
+    def __init__(self, phases):
+        self.phases = phases
+
+    @property
+    def pruned(self):
+        return self.phases.results[(5, "prune")].tolist()
 
 
 class Recorder(pl.Callback):
@@ -103,10 +117,11 @@ def _trainer(tmp_path, max_epochs, callbacks):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fit")
-    recorder, push, prune = Recorder(), PrototypePush(), PrunePrototypes(epoch=5, k=4, threshold=2)
+    recorder, push = Recorder(), Phases()
+    prune = Pruned(push)
     ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    model, data = _model(), TinyData()
-    trainer = _trainer(tmp, 6, [recorder, push, prune, ckpt])
+    model, data = _model(**PRUNING), TinyData()
+    trainer = _trainer(tmp, 6, [recorder, push, ckpt])
     trainer.fit(model, data)
     return tmp, model, data, recorder, push, prune
 
@@ -172,7 +187,7 @@ def test_missing_push_callback_is_a_clear_error(tmp_path):
                          push_every=1, last_layer_epochs=1)
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, limit_train_batches=1, limit_val_batches=0, default_root_dir=tmp_path)
-    with pytest.raises(RuntimeError, match="add train.prototypes.PrototypePush"):
+    with pytest.raises(RuntimeError, match="add train.phases.Phases"):
         trainer.fit(model, TinyData())
 
 
@@ -191,8 +206,8 @@ def test_resume_mid_joint_continues_with_identical_optimiser_state(run, tmp_path
                 self.phase = m.phase
 
     check = Check()
-    model = _model()
-    trainer = _trainer(tmp_path, 6, [check, PrototypePush(figures=False), PrunePrototypes(epoch=5, k=4, threshold=2)])
+    model = _model(**PRUNING)
+    trainer = _trainer(tmp_path, 6, [check, Phases(figures=False)])
     trainer.fit(model, TinyData(), ckpt_path=ckpt)
     assert check.first_epoch == 2 and check.phase == "joint"
     for restored, stored in zip(check.restored, saved["optimizer_states"]):
@@ -311,7 +326,7 @@ def cached_runs(tmp_path_factory):
         calls = NetworkCalls()
         ckpt = ModelCheckpoint(dirpath=tmp / "ckpt", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
         model = _cached_model(cache)
-        _trainer(tmp, 3, [calls, PrototypePush(figures=False), ckpt]).fit(model, ShuffledTinyData())
+        _trainer(tmp, 3, [calls, Phases(figures=False), ckpt]).fit(model, ShuffledTinyData())
         runs[cache] = (tmp, model, calls)
     return runs
 
@@ -368,7 +383,7 @@ def test_cache_is_not_used_on_augmented_data(tmp_path):
                          push_every=1, last_layer_epochs=1, num_train_epochs=1, cache_last_layer=True)
     calls = NetworkCalls()
     with pytest.warns(UserWarning, match="augmented online"):
-        _trainer(tmp_path, 2, [calls, PrototypePush(figures=False)]).fit(model, Augmented())
+        _trainer(tmp_path, 2, [calls, Phases(figures=False)]).fit(model, Augmented())
     assert calls.builds == {} and calls.calls[1] == 3 and model.similarity_cache is None
 
 
@@ -377,7 +392,7 @@ def test_resume_in_the_last_layer_phase_rebuilds_the_cache(cached_runs, tmp_path
     calls = NetworkCalls()
     model = _cached_model(True)
     # The end of epoch 1 (the first cached pass): epoch 2 is a last-layer epoch without a push.
-    _trainer(tmp_path, 3, [calls, PrototypePush(figures=False)]).fit(model, ShuffledTinyData(),
+    _trainer(tmp_path, 3, [calls, Phases(figures=False)]).fit(model, ShuffledTinyData(),
                                                                        ckpt_path=tmp / "ckpt" / "epoch=1.ckpt")
     assert calls.builds == {2: 1} and calls.calls.get(2, 0) == 0
     for name, value in reference.state_dict().items():

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from models import ProtoTree, create_model
+from train.phases import Phases
 from models.prototree import leaf_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_freezing_and_parameter_groups_follow_the_epochs():
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             if batch_idx > 0:
                 return
-            # (the module's own on_train_epoch_start, which freezes, runs after the callbacks' one)
+            # (the phase callback entered the epoch's phase at its start)
             flags.append([p.requires_grad for p in module.parameter_groups()["backbone"]])
             lrs.append({g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups})
             snapshots.append({k: v.detach().clone() for k, v in module.named_parameters()})
@@ -89,7 +90,7 @@ def test_freezing_and_parameter_groups_follow_the_epochs():
         def on_train_end(self, trainer, module):
             snapshots.append({k: v.detach().clone() for k, v in module.named_parameters()})
 
-    trainer(3, [Watch()]).fit(model, train_dataloaders=loader())
+    trainer(3, [Watch(), Phases()]).fit(model, train_dataloaders=loader())
     assert not any(flags[0]) and all(flags[1]) and all(flags[2])  # frozen in epoch 1 (1-based) only
     block = {n for n, _ in model.named_parameters() if n.startswith("backbone.body.layer4.0.")}
     trunk = {n for n, _ in model.named_parameters() if n.startswith("backbone.") and n not in block}
@@ -98,7 +99,7 @@ def test_freezing_and_parameter_groups_follow_the_epochs():
         return any(not torch.equal(snapshots[a][n], snapshots[b][n]) for n in names)
 
     assert not changed(trunk, 0, 1)  # frozen trunk
-    assert changed(block, 0, 1) and changed({"add_on.weight", "prototypes"}, 0, 1)
+    assert changed(block, 0, 1) and changed({"add_on.weight", "prototype_vectors"}, 0, 1)
     assert changed(trunk, 1, 2)  # unfrozen from the second epoch
     # MultiStepLR(milestones=[1, 2], gamma=0.5), stepped after each epoch
     for name, base in {"backbone": 0.01, "last_block": 1e-3, "add_on": 1e-3, "prototypes": 1e-3}.items():

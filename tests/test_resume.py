@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.resume import AtomicCheckpointIO, EpochSeededDataset, EpochShuffleSampler, EpochStartAfterResume
+from train.resume import AtomicCheckpointIO, EpochSeededDataset, EpochShuffleSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ PUSH_SCRIPT = textwrap.dedent(
     import models.prototypes
     from models import create_model
     from train.data import SyntheticParts
-    from train.prototypes import PrototypePush
+    from train.phases import Phases
     from train.resume import AtomicCheckpointIO
 
     mode, out, kill_after = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
@@ -122,7 +122,7 @@ PUSH_SCRIPT = textwrap.dedent(
 
         models.prototypes.PushSearch.update = update_then_die
 
-    class Phases(pl.Callback):
+    class FirstBatch(pl.Callback):
         def __init__(self):
             self.first = None
         def on_train_batch_start(self, trainer, model, batch, batch_idx):
@@ -135,10 +135,10 @@ PUSH_SCRIPT = textwrap.dedent(
                              push_every=1, last_layer_epochs=1, num_train_epochs=2, last_layer_lr=1e-2)
         data = SyntheticParts(num_classes=3, image_size=32, train_size=24, val_size=12, test_size=12, batch_size=8)
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)  # each epoch, as the configs
-        phases = Phases()
+        phases = FirstBatch()
         trainer = pl.Trainer(max_epochs=3, logger=False, deterministic=True, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=folder, plugins=[AtomicCheckpointIO()],
-                             callbacks=[checkpoint, PrototypePush(max_prototypes=6), phases])
+                             callbacks=[checkpoint, Phases(max_prototypes=6), phases])
         trainer.fit(model, data, ckpt_path=ckpt_path)
         torch.save({"state": model.state_dict(), "val_acc": trainer.callback_metrics["val/acc"],
                     "first": phases.first}, folder / "final.pt")
@@ -205,7 +205,7 @@ def _fit_protopnet(folder: Path, ckpt_path: Path | None = None, callbacks=(), **
 
     from models import create_model
     from train.data import SyntheticParts
-    from train.prototypes import PrototypePush
+    from train.phases import Phases
 
     pl.seed_everything(0)
     model = create_model("protopnet_test_resnet", num_classes=3, stage=2, num_warm_epochs=1, push_start=1,
@@ -213,7 +213,7 @@ def _fit_protopnet(folder: Path, ckpt_path: Path | None = None, callbacks=(), **
     data = SyntheticParts(num_classes=3, image_size=32, train_size=24, val_size=12, test_size=12, batch_size=8)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
     trainer = pl.Trainer(logger=False, deterministic=True, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=folder, callbacks=[checkpoint, PrototypePush(figures=False), *callbacks],
+                         default_root_dir=folder, callbacks=[checkpoint, Phases(figures=False), *callbacks],
                          **{"max_epochs": 3, **limits})
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return model
@@ -222,12 +222,12 @@ def _fit_protopnet(folder: Path, ckpt_path: Path | None = None, callbacks=(), **
 def test_resume_after_an_epochs_last_batch_runs_the_next_epochs_start_hooks(tmp_path):
     # Stopping after epoch 1 leaves last.ckpt from its last training batch: what a SIGKILL during
     # epoch 1's validation or epoch 2's push leaves with per-step checkpoints. Lightning resumes it into
-    # epoch 2 without epoch-start hooks; EpochStartAfterResume runs them (the push, the last-layer phase).
+    # epoch 2 without epoch-start hooks; the phase callback runs them before its first batch (the push, the last-layer phase).
     torch.set_num_threads(1)
     expected = _fit_protopnet(tmp_path / "reference").state_dict()
     _fit_protopnet(tmp_path / "stopped", max_epochs=2)
     assert torch.load(tmp_path / "stopped" / "last.ckpt", weights_only=True)["global_step"] == 6
-    model = _fit_protopnet(tmp_path / "resumed", tmp_path / "stopped" / "last.ckpt", [EpochStartAfterResume()])
+    model = _fit_protopnet(tmp_path / "resumed", tmp_path / "stopped" / "last.ckpt", [])
     assert model.phase == "last" and int(model.push_epoch) == 2
     for name, value in expected.items():
         assert torch.equal(model.state_dict()[name], value), name
@@ -237,7 +237,7 @@ def test_protopnet_resumed_mid_epoch_ends_like_the_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
     expected = _fit_protopnet(tmp_path / "reference").state_dict()
     _fit_protopnet(tmp_path / "stopped", max_steps=4)  # after 1 of 3 batches of the joint epoch 1
-    model = _fit_protopnet(tmp_path / "resumed", tmp_path / "stopped" / "last.ckpt", [EpochStartAfterResume()])
+    model = _fit_protopnet(tmp_path / "resumed", tmp_path / "stopped" / "last.ckpt", [])
     for name, value in expected.items():
         assert torch.equal(model.state_dict()[name], value), name
 

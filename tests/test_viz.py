@@ -402,7 +402,7 @@ def test_push_callback_sends_the_gallery_to_an_image_logger_and_writes_the_png(t
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import Logger
 
-    from train.prototypes import PrototypePush
+    from train.phases import Phases
 
     class ImageLogger(Logger):  # stands in for WandbLogger: any logger with log_image gets the figure
         name, version = "images", 0
@@ -432,7 +432,7 @@ def test_push_callback_sends_the_gallery_to_an_image_logger_and_writes_the_png(t
     # Lightning epoch 0 trains jointly; the push runs at the start of epoch 1.
     model = create_model("protopnet_test_resnet", num_classes=3, stage=2, num_warm_epochs=0, push_start=0,
                          push_every=1, last_layer_epochs=1, num_train_epochs=1)
-    logger, push = ImageLogger(), PrototypePush()
+    logger, push = ImageLogger(), Phases()
     trainer = pl.Trainer(max_epochs=2, logger=logger, callbacks=[push], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, Data())

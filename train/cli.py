@@ -16,7 +16,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from models.base import InterpretableClassifier
 
-from .resume import AtomicCheckpointIO, EpochStartAfterResume
+from .phases import Phases
+from .resume import AtomicCheckpointIO
 
 __all__ = ["ZooCLI", "main"]
 
@@ -75,13 +76,13 @@ class ZooCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         """The trainer, with crash-safe checkpoint files unless the config names its own CheckpointIO, and
-        the epoch-start hooks that Lightning skips on some resumes (`EpochStartAfterResume`)."""
+        the phase callback (`Phases`) unless the config names one."""
         trainer = super().instantiate_trainer(**kwargs)
         connector = trainer._accelerator_connector
         if getattr(connector, "checkpoint_io", None) is None:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if not any(isinstance(c, EpochStartAfterResume) for c in trainer.callbacks):
-            trainer.callbacks.append(EpochStartAfterResume())
+        if not any(isinstance(c, Phases) for c in trainer.callbacks):
+            trainer.callbacks.append(Phases())
         return trainer
 
     def after_fit(self) -> None:

@@ -10,8 +10,9 @@ every random choice is a function of what the checkpoint holds:
 * the model's own random state (dropout) is saved in the checkpoint by `InterpretableClassifier`.
 
 `AtomicCheckpointIO` writes every checkpoint to a temporary file and renames it, so a crash while
-writing never leaves a half file where ``last.ckpt`` should be. `EpochStartAfterResume` runs the
-epoch-start hooks that Lightning skips when it resumes a checkpoint saved after an epoch's last batch.
+writing never leaves a half file where ``last.ckpt`` should be.
+The epoch-start work that Lightning skips on some resumes (a restart mid-epoch, or a checkpoint saved
+after an epoch's last batch) is redone before the epoch's first batch by `train.phases.Phases`.
 """
 from __future__ import annotations
 
@@ -19,13 +20,12 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["AtomicCheckpointIO", "EpochSeededDataset", "EpochShuffleSampler", "EpochStartAfterResume"]
+__all__ = ["AtomicCheckpointIO", "EpochSeededDataset", "EpochShuffleSampler"]
 
 
 def _mix(*values: int) -> int:
@@ -109,25 +109,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():
                 tmp.unlink()
-
-
-class EpochStartAfterResume(pl.Callback):
-    """Runs ``on_train_epoch_start`` (of the other callbacks, then of the model) when Lightning skips it.
-
-    A checkpoint saved after the last training batch of epoch e (``ModelCheckpoint(every_n_train_steps=...)``,
-    before validation) is resumed by Lightning 2.6 straight into epoch e + 1, but as a mid-epoch
-    restart: the epoch-start hooks of e + 1 never run. ProtoPNet's phase switch and `PrototypePush`'s
-    push live there, so without this callback such a run trains epoch e + 1 in the wrong phase.
-    A true mid-epoch restart (the hooks already ran before the checkpoint) is left alone.
-    """
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        fit_loop = trainer.fit_loop
-        epoch_loop = fit_loop.epoch_loop
-        if not (fit_loop.restarted_mid_epoch and epoch_loop.restarted_on_train_batch_end
-                and epoch_loop.batch_progress.is_last_batch):
-            return
-        for callback in trainer.callbacks:
-            if callback is not self:
-                callback.on_train_epoch_start(trainer, pl_module)
-        pl_module.on_train_epoch_start()
