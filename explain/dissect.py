@@ -1,4 +1,4 @@
-"""Network Dissection (Bau et al., CVPR 2017; spec ``specs/icnn_cam_metrics.md`` section 3) for any model.
+"""Network Dissection (Bau et al., CVPR 2017) for any model.
 
 Two passes over an unshuffled loader of dict batches (``"image"`` in [0, 1] and concepts, see
 :mod:`explain.concepts`), batched on the model's device:
@@ -14,17 +14,10 @@ A unit is a detector of its best concept when that IoU > 0.04. `write_report` wr
 report: ``tally.csv``, ``report.html`` (summary, bar graph, one section per unit with its label, IoU
 and top images with the thresholded region), ``bargraph.svg`` and ``images/`` in one folder.
 
-Command line (``python -m explain.dissect --help``)::
-
-    python -m explain.dissect --model <pretrained name | checkpoint file | arch:<registry name>> \\
-        --data synthetic --config configs/cam/synthetic.yaml --out reports/dissect
-
-``--data synthetic`` builds ``train.data.SyntheticParts``, imported inside `main` only (the library
-never imports ``train/``); ``--data <folder>`` reads a Broden-layout folder.
+The command line over released models and datasets is ``python -m train.dissect``.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import html
 import json
@@ -32,14 +25,14 @@ import math
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .concepts import BrodenConcepts, ConceptSet, concept_batch
+from .concepts import ConceptSet, concept_batch
 from .posthoc import find_layer, resolve_layer
 
 __all__ = [
@@ -51,7 +44,6 @@ __all__ = [
     "layer_output",
     "write_report",
     "write_tally",
-    "main",
 ]
 
 
@@ -486,144 +478,3 @@ def write_report(d: Dissection, out_dir: str | Path, title: str | None = None, m
     path = out / "report.html"
     path.write_text("\n".join(parts))
     return path
-
-
-# ------------------------------------------------------------------------------------ command line
-def _recipe_data(spec: str) -> dict[str, Any]:
-    """SyntheticParts arguments a checkpoint was trained with: the manifest's data section of a released
-    name, or the run's config.yaml next to a train.py checkpoint (runs/<name>/<time>/checkpoints/x.ckpt)."""
-    from models.pretrained import MANIFEST
-
-    data: dict[str, Any] = {}
-    if MANIFEST.is_file():
-        data = json.loads(MANIFEST.read_text()).get("checkpoints", {}).get(spec, {}).get("data") or {}
-    run_config = Path(spec).parent.parent / "config.yaml"
-    if not data and Path(spec).is_file() and run_config.is_file():
-        import yaml
-
-        data = (yaml.safe_load(run_config.read_text()) or {}).get("data") or {}
-    return dict(data.get("init_args") or {}) if str(data.get("class_path", "")).endswith("SyntheticParts") else {}
-
-
-def _synthetic_init(args: argparse.Namespace, spec: str) -> dict[str, Any]:
-    """SyntheticParts arguments: the checkpoint's recipe (or --config), then --data-args, then --size."""
-    init: dict[str, Any] = {}
-    if args.config:
-        import yaml
-
-        data = (yaml.safe_load(Path(args.config).read_text()) or {}).get("data") or {}
-        init.update(data.get("init_args") or {})
-    else:
-        init.update(_recipe_data(spec))
-    init.update(json.loads(args.data_args))
-    if args.size is not None:
-        init[f"{args.split}_size"] = args.size
-    init.update(batch_size=args.batch_size, eval_batch_size=args.batch_size, num_workers=args.num_workers, augment=False)
-    return init
-
-
-def _load_model(spec: str, args: argparse.Namespace) -> nn.Module:
-    if spec.startswith("arch:"):  # an untrained registry model: the random-weights baseline
-        from models import create_model
-
-        kwargs = json.loads(args.model_args)
-        kwargs.setdefault("num_classes", _synthetic_init(args, spec).get("num_classes", 10))
-        return create_model(spec[5:], **kwargs).eval()
-    from models.pretrained import load_pretrained
-
-    return load_pretrained(spec)
-
-
-def _data(args: argparse.Namespace, spec: str, model: nn.Module) -> tuple[Iterable, ConceptSet]:
-    if args.data != "synthetic":
-        from torch.utils.data import DataLoader
-
-        dataset = BrodenConcepts(args.data, split=args.split, image_size=args.image_size, max_images=args.size)
-        return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.num_workers), dataset.concepts
-    from train.data import SyntheticParts  # lazily: explain/ does not import train/ at module level
-
-    init = _synthetic_init(args, spec)
-    init.setdefault("num_classes", getattr(model, "num_classes", 10))
-    dm = SyntheticParts(**init)
-    loaders = {"train": dm.push_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}
-    return loaders[args.split](), ConceptSet.from_parts(dm.part_names)
-
-
-def _report_name(spec: str, taken: set[str]) -> str:
-    """Folder name of a model's report: the registry / pretrained name, or for a file its stem, prefixed
-    by the run name for train.py's runs/<name>/<time>/checkpoints/<file>; made unique with a suffix."""
-    path = Path(spec)
-    if path.suffix not in (".ckpt", ".pt", ".pth"):
-        name = spec.replace(":", "_").replace("/", "_")
-    elif path.parent.name == "checkpoints" and len(path.parents) > 3:
-        name = f"{path.parents[2].name}_{path.stem}"
-    else:
-        name = path.stem
-    unique, i = name, 1
-    while unique in taken:
-        unique, i = f"{name}_{i}", i + 1
-    return unique
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m explain.dissect", description="Network Dissection reports of model layers.")
-    p.add_argument("--model", nargs="+", required=True,
-                   help="pretrained names, checkpoint files, or arch:<registry name> (random weights); "
-                        "'released' = every released checkpoint that is available")
-    p.add_argument("--model-args", default="{}", help="JSON constructor arguments of arch: models")
-    p.add_argument("--layer", default=None, help="dotted module name (default: an ICNN's interpretable layer, else the backbone)")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a Broden-layout folder")
-    p.add_argument("--config", default=None,
-                   help="a training config whose data.init_args build SyntheticParts (default: the checkpoint's own recipe)")
-    p.add_argument("--data-args", default="{}", help="JSON SyntheticParts arguments (override --config)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--size", type=int, default=None, help="number of images of the split")
-    p.add_argument("--image-size", type=int, default=None, help="Broden: resize images to this side")
-    p.add_argument("--out", default="reports/dissect")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    for flag, kind, default in (("--top-fraction", float, 0.005), ("--iou-threshold", float, 0.04), ("--bins", int, 2048), ("--top-k", int, 10)):
-        p.add_argument(flag, type=kind, default=default)
-    p.add_argument("--max-units", type=int, default=None, help="units shown in the HTML (best first)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Dissect each model; writes <out>/<model>/report.html (and tally.csv, ...) and <out>/summary.csv."""
-    args = _parser().parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    specs, released = [m for m in args.model if m != "released"], []
-    if "released" in args.model:
-        from models.pretrained import list_pretrained
-
-        released = list_pretrained()
-    rows = []
-    for spec in specs + released:
-        try:
-            model = _load_model(spec, args).to(device)
-        except Exception as exc:  # a released name without a local file is skipped, anything else fails
-            if spec not in released:
-                raise
-            print(f"skipping {spec}: {str(exc).splitlines()[0]}")
-            continue
-        loader, concepts = _data(args, spec, model)
-        d = dissect(model, args.layer or default_layer(model), loader, concepts, top_fraction=args.top_fraction,
-                    iou_threshold=args.iou_threshold, bins=args.bins, top_k=args.top_k, device=device)
-        name = _report_name(spec, {row["model"] for row in rows})
-        html_path = write_report(d, Path(args.out) / name, title=f"{name}: {d.layer}", max_units=args.max_units)
-        s = d.summary()
-        rows.append({"model": name, "layer": s["layer"], "units": s["units"], "detectors": s["detectors"],
-                     "concepts": s["concepts"], "detected": ";".join(s["detected"]), "report": str(html_path)})
-        print(f"{name} [{s['layer']}]: {s['detectors']}/{s['units']} detector units, {s['concepts']} concepts -> {html_path}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "summary.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["model", "layer", "units", "detectors", "concepts", "detected", "report"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return rows
-
-
-if __name__ == "__main__":
-    main()

@@ -1,25 +1,17 @@
-"""A static HTML report of zoo checkpoints: accuracy, prototypes or filter parts, example explanations,
-and for a ProtoTree the tree.
+"""A static HTML report of zoo models: what each one learned (prototypes, the tree), example
+explanations and filter parts, embedded as base64 PNGs so that ``index.html`` is one file that opens
+anywhere.
 
-    python -m explain.report CHECKPOINT [CHECKPOINT ...] --out report/ [--data synthetic] [--num-images 4]
-
-CHECKPOINT is a zoo file (`models.save_zoo_checkpoint`, `models.load_pretrained`) or a Lightning
-checkpoint of `train.py`. Every figure is embedded as a base64 PNG, so ``<out>/index.html`` is one file
-that opens anywhere. The prototypes (and the tree) come from the checkpoint's own buffers; example
-explanations and filter parts need images: ``--data synthetic`` draws SyntheticParts' test split (the
-run's data config when the checkpoint sits in a run folder); ``auto`` does so when the checkpoint was
-trained on SyntheticParts. Accuracy is what the checkpoint records (zoo metadata, the best score of a
-ModelCheckpoint monitoring an accuracy, a ProtoTree run's ``prototree.json``), else it is evaluated on
-``--eval-images`` test images when there is data.
+`model_figures` draws one model's figures from its buffers and, given them, test images;
+`render_section` and `write_report` make the page. The command line over checkpoints and datasets is
+``python -m train.report``.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,10 +19,8 @@ import torch
 from torch import nn
 
 from explain import viz
-from explain.compare import _default_name, _run_config, load_model, load_synthetic
-from models.pretrained import FORMAT, load_pretrained, _read as read_checkpoint
 
-__all__ = ["load_checkpoint", "recorded_accuracy", "model_figures", "write_report", "main"]
+__all__ = ["model_figures", "render_section", "write_report"]
 
 CHECK_SCRIPT = """<script>
 // Marks how many images decoded (read by tests/test_report.py through the browser's DOM).
@@ -48,68 +38,6 @@ table { border-collapse: collapse; margin: 0.5em 0 1em; } td, th { border: 1px s
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 0.9em; color: #555; } .note { color: #a40; }
 </style>"""
-
-
-# ----------------------------------------------------------------------------------------- loading
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode on the CPU, the raw checkpoint dict) from a zoo file or a Lightning checkpoint."""
-    path = Path(path)
-    payload = read_checkpoint(path)  # weights only; a missing or unreadable file is one CheckpointError line
-    if payload.get("format") == FORMAT or payload.get("zoo_class_path"):
-        return load_pretrained(path), payload
-    return load_model(path), payload
-
-
-def recorded_accuracy(payload: dict[str, Any], path: str | Path | None = None) -> dict[str, float]:
-    """Accuracies a checkpoint records: zoo ``meta`` (its ``metrics`` too), the best score of every
-    ModelCheckpoint that monitors an accuracy, and the last stage of a ProtoTree run's ``prototree.json``."""
-    found: dict[str, float] = {}
-    meta = payload.get("meta") or {}
-    for key, value in {**meta, **(meta.get("metrics") or {})}.items():
-        if "acc" in str(key) and isinstance(value, (int, float)):
-            found[str(key)] = float(value)
-    for state in (payload.get("callbacks") or {}).values():
-        monitor, score = (state or {}).get("monitor"), (state or {}).get("best_model_score")
-        if monitor and "acc" in monitor and score is not None and float(score) >= 0:  # -1: not pushed yet
-            found[f"{monitor} (best checkpoint)"] = float(score)
-    tree_json = Path(path).resolve().parent.parent / "prototree.json" if path is not None else None
-    if tree_json is not None and tree_json.is_file():
-        stages = {k: v for k, v in json.loads(tree_json.read_text()).items() if isinstance(v, dict)}
-        if stages:
-            stage, results = list(stages.items())[-1]
-            found.update({f"test {k} ({stage})": float(v) for k, v in results.items() if k.startswith("acc")})
-    return found
-
-
-def _synthetic_args(model: nn.Module, checkpoint: Path, payload: dict[str, Any], image_size: int | None) -> dict | None:
-    """SyntheticParts arguments of the run's data config, or a default that fits the model; None if the
-    run's data is something else."""
-    data = (_run_config(checkpoint).get("data") or {})
-    if data:
-        if not str(data.get("class_path", "")).endswith("SyntheticParts"):
-            return None
-        args = dict(data.get("init_args") or {})
-    else:
-        args = {"num_classes": getattr(model, "num_classes", 10)}
-        pushed_size = getattr(model, "prototype_image_size", None)  # ProtoPNet remembers its push images
-        meta_size = (payload.get("meta") or {}).get("image_size")
-        args["image_size"] = int(meta_size or (pushed_size[0] if pushed_size is not None and pushed_size[0] > 0 else 64))
-    if image_size:
-        args["image_size"] = image_size
-    return args
-
-
-def _uses_synthetic(checkpoint: Path, payload: dict[str, Any]) -> bool:
-    data = _run_config(checkpoint).get("data") or {}
-    meta = payload.get("meta") or {}
-    return str(data.get("class_path", "")).endswith("SyntheticParts") or "synthetic" in str(meta.get("dataset", "")).lower()
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 64) -> float:
-    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(images), batch_size))
-    return correct / len(images)
 
 
 # ----------------------------------------------------------------------------------------- figures
@@ -161,10 +89,12 @@ def _embed(fig, dpi: int = 80) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _section(name: str, path: Path, model: nn.Module, accuracy: dict[str, float], figures: list[tuple[str, Any]],
-             note: str | None) -> str:
+def render_section(name: str, source: str | Path, model: nn.Module, accuracy: dict[str, float], figures: list[tuple[str, Any]],
+                   note: str | None = None) -> str:
+    """One model's ``<section>``: a table (class, checkpoint, classes, parameters, accuracies), an
+    optional note, and the figures embedded as base64 PNGs (each figure is closed)."""
     params = sum(p.numel() for p in model.parameters())
-    rows = [("model", type(model).__name__), ("checkpoint", str(path)), ("classes", str(getattr(model, "num_classes", "?"))),
+    rows = [("model", type(model).__name__), ("checkpoint", str(source)), ("classes", str(getattr(model, "num_classes", "?"))),
             ("parameters", f"{params:,}")]
     rows += [(f"accuracy: {k}", f"{100 * v:.1f}%") for k, v in accuracy.items()] or [("accuracy", "not recorded")]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
@@ -189,57 +119,3 @@ def write_report(sections: Sequence[str], out: str | Path, title: str = "interpr
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-
-# ------------------------------------------------------------------------------------- command line
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m explain.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="zoo files or Lightning checkpoints ([NAME=]PATH)")
-    p.add_argument("--out", default="report", help="folder of index.html")
-    p.add_argument("--data", choices=["auto", "synthetic", "none"], default="auto",
-                   help="images for explanations: SyntheticParts' test split, none, or auto (if trained on it)")
-    p.add_argument("--num-images", type=int, default=4, help="example images explained per model")
-    p.add_argument("--eval-images", type=int, default=200, help="test images to evaluate accuracy when none is recorded")
-    p.add_argument("--evaluate", action="store_true", help="evaluate accuracy even when the checkpoint records one")
-    p.add_argument("--image-size", type=int, default=None, help="SyntheticParts image size (default: the run's or 64)")
-    p.add_argument("--title", default="interpretable-zoo report")
-    return p.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Build the report; returns the path of index.html."""
-    args = _parse_args(argv)
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    sections = []
-    for spec in args.checkpoints:
-        # NAME=PATH, unless the whole argument is a file (Lightning names files like "epoch=3-step=9.ckpt")
-        name, path = spec.split("=", 1) if "=" in spec and not Path(spec).is_file() else (None, spec)
-        path = Path(path)
-        name = name or _default_name(path)
-        model, payload = load_checkpoint(path)
-        accuracy, note = recorded_accuracy(payload, path), None
-        images = labels = class_names = None
-        use_data = args.data == "synthetic" or (args.data == "auto" and _uses_synthetic(path, payload))
-        data_args = _synthetic_args(model, path, payload, args.image_size) if use_data else None
-        if data_args is not None:
-            n = max(args.num_images, args.eval_images if (args.evaluate or not accuracy) else 32)
-            data_args["test_size"] = max(int(data_args.get("test_size", 0)), n)
-            data = load_synthetic(data_args, n)
-            if len(data["class_names"]) != model.num_classes:
-                raise ValueError(f"{path}: the model has {model.num_classes} classes but the synthetic data has "
-                                 f"{len(data['class_names'])}; pass a checkpoint of a SyntheticParts run or --data none")
-            images, labels, class_names = data["image"], data["label"], data["class_names"]
-            if args.evaluate or not accuracy:
-                accuracy[f"evaluated on {n} SyntheticParts test images"] = _accuracy(model, images, labels)
-        else:
-            note = "No images given (--data none, or not a SyntheticParts run): example explanations are left out."
-        figures = model_figures(model, images, labels, class_names, args.num_images)
-        sections.append(_section(name, path, model, accuracy, figures, note))
-    path = write_report(sections, args.out, args.title)
-    print(f"wrote {path}")
-    return path
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,5 @@
-"""The comparison runner: intervals, table, SyntheticParts loading and re-rendering, end to end on a tiny model."""
+"""The comparison: intervals, table, the pointing game's tolerance rules, SyntheticParts loading and
+re-rendering, and the command line end to end on a tiny model."""
 from __future__ import annotations
 
 import csv
@@ -9,8 +10,10 @@ import torch
 import yaml
 from scipy import stats
 
-from explain.compare import evaluate, load_model, load_synthetic, main, summarise, to_markdown
-from models import create_model
+from explain.compare import METRICS, evaluate, pointing_tolerance, summarise, to_markdown
+from models import create_model, load_pretrained
+from train.apps import load_synthetic, run_config
+from train.compare import main
 
 torch.set_num_threads(1)
 DATA = {"num_classes": 3, "image_size": 32, "test_size": 4, "clutter": 2, "seed": 0}
@@ -60,45 +63,60 @@ def test_load_synthetic_and_render_round_trip(synthetic):
 
 
 def _checkpoint(tmp_path, num_classes=3):
+    """A CAM network saved as train.py saves it, in a run folder whose config.yaml holds the data recipe."""
     torch.manual_seed(0)
     model = create_model("cam_test_resnet", num_classes=num_classes)
     run = tmp_path / "runs" / "tiny_cam" / "20260101-000000"
     (run / "checkpoints").mkdir(parents=True)
     path = run / "checkpoints" / "best.ckpt"
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "zoo_class_path": "models.cam.CAMNet"}, path)
     config = {"model": {"class_path": "models.CAMNet"}, "data": {"class_path": "train.data.SyntheticParts", "init_args": DATA}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     return model.eval(), path
 
 
-def test_load_model_from_run_folder(tmp_path):
-    model, path = _checkpoint(tmp_path)
-    loaded = load_model(path)
-    x = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(loaded(x), model(x))
-    with pytest.raises(ValueError, match="model-class"):
-        (tmp_path / "runs" / "tiny_cam" / "20260101-000000" / "config.yaml").unlink()
-        load_model(path)
-    assert type(load_model(path, "models.CAMNet")).__name__ == "CAMNet"
-
-
-def test_load_model_from_zoo_file_and_released_name(tmp_path, monkeypatch):
+def test_run_config_of_a_run_folder_and_of_a_release(tmp_path, monkeypatch):
     from models import pretrained
     from models.pretrained import PretrainedEntry, save_zoo_checkpoint, sha256_of
 
-    model, _ = _checkpoint(tmp_path)
+    model, path = _checkpoint(tmp_path)
+    assert run_config(path)["data"]["init_args"] == DATA  # runs/<name>/<stamp>/config.yaml
     file = save_zoo_checkpoint(model, tmp_path / "tiny.pt")
-    x = torch.rand(2, 3, 32, 32)
-    torch.testing.assert_close(load_model(file)(x), model(x))  # no run folder needed: the file names its class
-
+    assert run_config(file) == {}  # no run folder around it
     entry = PretrainedEntry(name="tiny_cam.test", class_path="models.cam.CAMNet", dataset="-", config="-")
     monkeypatch.setitem(pretrained._ENTRIES, "tiny_cam.test", entry)
     record = {"file": str(file), "sha256": sha256_of(file), "data": {"init_args": DATA}}
     monkeypatch.setattr(pretrained, "_manifest", lambda: {"tiny_cam.test": record})
-    torch.testing.assert_close(load_model("tiny_cam.test")(x), model(x))
-    from explain.compare import _run_config
+    assert run_config("tiny_cam.test")["data"]["init_args"] == DATA  # the data recipe the release recorded
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(load_pretrained("tiny_cam.test")(x), model(x))
 
-    assert _run_config("tiny_cam.test")["data"]["init_args"] == DATA  # the data recipe the release recorded
+
+def test_pointing_tolerance_rules_on_a_constructed_map():
+    """A 64 px map peaking at (x, y) = (10, 10) and a one-pixel part at (20, 10): 10 px away. TorchRay's
+    15 px at the image's resolution hits; 15 px scaled to 64 / 224 (4.29 px) misses; 11 px hits and 10 px
+    misses (strictly within)."""
+    images = torch.zeros(1, 3, 64, 64)
+    heatmap = torch.zeros(1, 64, 64)
+    heatmap[0, 10, 10] = 1.0
+    masks = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    masks[0, 0, 10, 20] = True
+    batch = {"image": images, "part_masks": masks}
+    game = METRICS["pointing_game"]
+    assert pointing_tolerance("torchray", 64) == 15.0
+    assert pointing_tolerance("scaled", 64) == pytest.approx(15 * 64 / 224)
+    assert pointing_tolerance("scaled", 224) == 15.0  # the two rules agree at the paper's 224 px
+    assert game(None, images, heatmap, None, batch).item() == 1.0  # default: TorchRay's
+    assert game(None, images, heatmap, None, batch, tolerance="torchray").item() == 1.0
+    assert game(None, images, heatmap, None, batch, tolerance="scaled").item() == 0.0
+    assert game(None, images, heatmap, None, batch, tolerance=11).item() == 1.0
+    assert game(None, images, heatmap, None, batch, tolerance=10).item() == 0.0
+    masks[0, 0, 10, 14] = True  # 4 px away: within the scaled 4.29 px too
+    assert game(None, images, heatmap, None, batch, tolerance="scaled").item() == 1.0
+    for bad in ("paper", 0, -1.0, True):
+        with pytest.raises(ValueError, match="tolerance must be 'torchray', 'scaled' or a number"):
+            pointing_tolerance(bad, 64)
 
 
 def test_main_end_to_end(tmp_path):
@@ -125,7 +143,7 @@ def test_data_file_and_plain_model_skip_intrinsic(tmp_path, synthetic):
     _, path = _checkpoint(tmp_path)
     data_file = tmp_path / "data.pt"
     torch.save({k: synthetic[k] for k in ("image", "label", "part_masks", "body_box")}, data_file)
-    summary = main(["--checkpoint", f"cam={path}", "--model-class", "models.CAMNet", "--data-file", str(data_file),
+    summary = main(["--checkpoint", f"cam={path}", "--data-file", str(data_file),
                     "--methods", "gradcam", "--model-methods", "cam=intrinsic,rise", "--method-arg", "rise.n_masks=4",
                     "--metrics", "energy_pointing_game", "relevance_mass", "--num-images", "2",
                     "--device", "cpu", "--out", str(tmp_path / "o2"), "--figure-images", "2"])

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from explain.concepts import BrodenConcepts, ConceptSet, concept_maps_from_masks
-from explain.dissect import StreamingQuantile, count_detectors, default_layer, dissect, layer_output, main, write_report
+from explain.dissect import StreamingQuantile, count_detectors, default_layer, dissect, layer_output, write_report
+from train.dissect import main
 
 torch.set_num_threads(2)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from explain.report import main
+from train.report import main
 from models import CheckpointError, create_model, save_zoo_checkpoint
 from train.data import SyntheticParts
 
@@ -115,12 +115,39 @@ def test_without_data_the_prototypes_and_tree_come_from_the_checkpoints_alone(ch
 
 
 def test_bad_checkpoints_fail_with_one_clear_line(tmp_path):
-    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+    with pytest.raises(CheckpointError, match="no pretrained checkpoint named .* and no such file"):
         main([str(tmp_path / "missing.pt"), "--out", str(tmp_path)])
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot load checkpoint"):
         main([str(junk), "--out", str(tmp_path)])
+
+
+def test_a_released_name_is_reported_with_its_recorded_accuracy(checkpoints, tmp_path, monkeypatch):
+    from models import pretrained
+    from models.pretrained import PretrainedEntry, sha256_of
+
+    file = checkpoints["paths"]["icnn"]
+    entry = PretrainedEntry(name="icnn_tiny.synth", class_path="models.InterpretableCNN", dataset="-", config="-")
+    monkeypatch.setitem(pretrained._ENTRIES, "icnn_tiny.synth", entry)
+    record = {"file": str(file), "sha256": sha256_of(file), "data": {"class_path": "train.data.SyntheticParts",
+                                                                      "init_args": {**SYNTH, "test_size": 8}}}
+    monkeypatch.setattr(pretrained, "_manifest", lambda: {"icnn_tiny.synth": record})
+    page = main(["icnn_tiny.synth", "--out", str(tmp_path), "--num-images", "2", "--eval-images", "8"]).read_text()
+    sections = _sections(page)
+    assert list(sections) == ["icnn_tiny.synth"]  # the released name names the section
+    assert f"<td>{file}</td>" not in page and "<td>icnn_tiny.synth</td>" in sections["icnn_tiny.synth"]
+    assert len(_images(sections["icnn_tiny.synth"])) == 2  # --data auto: the release's recipe is SyntheticParts
+
+
+RELEASED_CAM = Path(__file__).resolve().parents[1] / "checkpoints" / "cam_resnet18.synthparts.pt"
+
+
+@pytest.mark.skipif(not RELEASED_CAM.is_file(), reason="the released CAM checkpoint is not built")
+def test_the_released_cam_checkpoint_by_name(tmp_path):
+    page = main(["cam_resnet18.synthparts", "--data", "none", "--out", str(tmp_path)]).read_text()
+    section = _sections(page)["cam_resnet18.synthparts"]
+    assert "<th>model</th><td>CAMNet</td>" in section and "No images given" in section
 
 
 # ------------------------------------------------------------------------------------ headless Chromium

@@ -15,7 +15,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from models.base import InterpretableClassifier
+from models.pretrained import CheckpointError
+from models.pretrained import _load_state as load_state
+from models.pretrained import _read as read_checkpoint
 
+from .errors import run_main
 from .phases import Phases
 from .resume import AtomicCheckpointIO
 
@@ -85,6 +89,19 @@ class ZooCLI(LightningCLI):
             trainer.callbacks.append(Phases())
         return trainer
 
+    def _check_ckpt_path(self) -> None:
+        """Fail in one line (`CheckpointError`) on a ``--ckpt_path`` file that is unreadable, not
+        weights-only or of another architecture, before Lightning's restore raises deep inside."""
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        if not path or not Path(path).is_file():  # "last", "best" or a missing file: Lightning's own messages
+            return
+        payload = read_checkpoint(Path(path))
+        if not isinstance(payload.get("state_dict"), dict):
+            raise CheckpointError(f"--ckpt_path {path}: no state_dict, not a Lightning checkpoint")
+        load_state(self.model, payload["state_dict"], path)  # the weights Lightning restores next
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
+
     def after_fit(self) -> None:
         cfg = self.config[self.subcommand]
         if not cfg.get("test_after_fit") or self.trainer.fast_dev_run:
@@ -94,5 +111,10 @@ class ZooCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> ZooCLI:
-    """Entry point used by `train.py`; `args` replaces sys.argv (for tests)."""
-    return ZooCLI(args=args, parser_kwargs={"default_env": False})
+    """Entry point used by `train.py`; `args` replaces sys.argv (for tests). A config the parser rejects
+    raises `argparse.ArgumentError` (one of `train.errors.USER_ERRORS`) instead of exiting."""
+    return ZooCLI(args=args, parser_kwargs={"default_env": False, "exit_on_error": False})
+
+
+if __name__ == "__main__":
+    run_main(main)
