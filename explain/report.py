@@ -44,41 +44,49 @@ figcaption { font-size: 0.9em; color: #555; } .note { color: #a40; }
 def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                   class_names: Sequence[str] | None = None, num_images: int = 4) -> list[tuple[str, Any]]:
     """(caption, Figure) pairs for one model: what it learned (from its buffers), then, with images,
-    the filter parts and example explanations."""
-    kind = type(model).__name__
+    local explanations and example explanations.
+
+    What is drawn follows what the model offers, never its class: every prototype model (the prototype
+    interface of `models.prototype_model`) gets the gallery, "this looks like that" and the global
+    analysis; a tree (``structure()``) its tree and decision path; filter models (``filter_categories()``)
+    their filter parts; any other model its explanations of the top-3 classes.
+    """
     figures: list[tuple[str, Any]] = []
     examples = images[:num_images] if images is not None else None
-    if kind == "ProtoPNet":
+    prototypes, tree = viz.is_prototype_model(model), callable(getattr(model, "structure", None))
+    filters = callable(getattr(model, "filter_categories", None))
+    if prototypes:
         size = images.shape[-1] if images is not None else None
         figures.append(("Prototypes, drawn from the checkpoint's stored patches, with their class, largest "
-                        "last-layer weights and the image that maximises each one's similarity (100 steps).",
+                        "class weights and the image that maximises each one's similarity (100 steps).",
                         viz.prototype_gallery(model, class_names=class_names, max_prototypes=60, maximize_steps=100,
                                               maximize_size=size)))
-    if kind == "ProtoTree":
+    if tree:
         figures.append(("The whole tree: each decision node's prototype, each leaf's class distribution.",
                         viz.tree_figure(model, class_names)))
     if images is None:
         return figures
-    if kind == "ProtoPNet":
+    if tree:
+        explanation = model.explain(examples[:1])
+        figures.append(("Decision path of the first test image.",
+                        viz.tree_path_figure(model, examples[0], explanation, 0, class_names)))
+    if prototypes:
         figures.append(("This looks like that: the first test image's most similar prototypes and their "
                         "contributions.", viz.this_looks_like_that(model, examples, index=0, top_k=4, class_names=class_names)))
         data = {"image": images, "label": labels}
         figures.append(("Nearest test patches of the first prototypes (red titles: another class).",
                         viz.global_analysis(model, data, prototypes=None, k=4, class_names=class_names, names=("test", ""))))
-    elif kind == "ProtoTree":
-        explanation = model.explain(examples[:1])
-        figures.append(("Decision path of the first test image.",
-                        viz.tree_path_figure(model, examples[0], explanation, 0, class_names)))
-    elif kind == "InterpretableCNN":
+    if filters:
         figures.append(("Filter parts: per class, the filter of that category with the highest mean peak, on its "
                         "top test images.", viz.icnn_filter_gallery(model, images[:32], k=4, class_names=class_names)))
-    else:
+    if not (prototypes or tree or filters):
         figures.append(("The model's explanations of each image's top-3 classes.",
                         viz.cam_grid(model, examples, top=3, class_names=class_names, labels=labels)))
     explanation = model.explain(examples)
     figures.append(("Example explanations of the predicted class.", viz.explanation_grid(
         examples, explanation.heatmap, labels=labels[:num_images], predictions=explanation.prediction,
-        class_names=class_names, boxes=explanation.evidence.get("boxes"), title=f"{kind}: explanations of test images")))
+        class_names=class_names, boxes=explanation.evidence.get("boxes"),
+        title=f"{type(model).__name__}: explanations of test images")))
     return figures
 
 
