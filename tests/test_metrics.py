@@ -413,3 +413,19 @@ def test_prototype_metrics_on_a_zoo_prototype_model():
     stability = M.prototype_stability(similarity_maps, images, keypoints, labels, classes, half_size=16)
     assert consistency.shape == stability.shape == classes.shape
     assert set(consistency.tolist()) <= {0.0, 1.0} and ((stability >= 0) & (stability <= 1)).all()
+
+
+# ----------------------------------------------------------------------------- classification accuracy
+def test_top5_accuracy_keeps_its_own_state_after_a_batch_where_it_equals_top1():
+    # torchmetrics would merge top-1 and top-5 into one compute group after a first batch on which they
+    # agree (here: all right). Second batch: every label ranks second, so top-1 is wrong and top-5 right.
+    # Each class appears once per batch, so macro and micro averages agree: top-1 1/2, top-5 1.
+    model = create_model("cam_test_resnet", num_classes=10)
+    labels = torch.arange(10)
+    first = F.one_hot(labels, 10).float() * 5
+    second = first * 0.8 + F.one_hot((labels + 1) % 10, 10).float() * 5
+    for collection in (model.train_metrics, model.val_metrics, model.test_metrics):
+        collection.update(first, labels)
+        collection.update(second, labels)
+        values = {k.split("/")[1]: v.item() for k, v in collection.compute().items()}
+        assert values == pytest.approx({"acc": 0.5, "acc_top5": 1.0})
