@@ -15,8 +15,8 @@ import pytest
 import torch
 
 DEVICE = torch.device(os.environ.get("ZOO_TEST_DEVICE", "cuda"))
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
-                                                   reason="CUDA is not available")]
+pytestmark = pytest.mark.cuda
+needs_device = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="CUDA is not available")
 
 
 @pytest.fixture(autouse=True)
@@ -65,15 +65,16 @@ class _EpochShuffle(torch.utils.data.Sampler):
 
 
 def _assert_same_state(cuda_model, cpu_model, atol: float = 1e-5):
-    """Every tensor of the state dict: floats within `atol`, integers equal (uint8 patch pixels within 1,
-    since an interpolated crop may round the other way)."""
+    """Every tensor of the state dict: floats within `atol`; integers equal (source images, positions),
+    except that a box edge may move by 1 px and a uint8 patch pixel by 1: the upsampled activation maps
+    differ by float rounding across devices, which can move a pixel across the percentile threshold."""
     expected = cpu_model.state_dict()
     for name, value in cuda_model.state_dict().items():
         value, ref = value.cpu(), expected[name]
         if value.is_floating_point():
             torch.testing.assert_close(value, ref, atol=atol, rtol=1e-4, msg=name)
-        elif value.dtype == torch.uint8:
-            assert (value.int() - ref.int()).abs().max() <= 1, name
+        elif value.dtype == torch.uint8 or "box" in name:
+            assert value.shape == ref.shape and (value.long() - ref.long()).abs().max() <= 1, name
         else:
             assert torch.equal(value, ref), name
 
@@ -84,6 +85,7 @@ def _protopnet(**kw):
     return _models().create_model("protopnet_test_resnet", num_classes=3, stage=2, **kw).eval()
 
 
+@needs_device
 def test_protopnet_push_on_cuda_equals_push_on_cpu():
     data = _Dataset(size=40)
     cpu, gpu = _protopnet(), _protopnet().to(DEVICE)
@@ -98,6 +100,7 @@ def _tree_push(tree, loader):
     return tree.push(loader) if hasattr(tree, "push") else tree.project(loader)
 
 
+@needs_device
 def test_prototree_push_on_cuda_equals_push_on_cpu():
     torch.manual_seed(0)
     cpu = _models().create_model("prototree_test_resnet", num_classes=3, depth=2).eval()
@@ -110,6 +113,7 @@ def test_prototree_push_on_cuda_equals_push_on_cpu():
     _assert_same_state(gpu, cpu)
 
 
+@needs_device
 def test_bf16_autocast_push_on_cuda_equals_float32_push():
     data = _Dataset()
     exact, mixed = _protopnet().to(DEVICE), _protopnet().to(DEVICE)
@@ -134,6 +138,7 @@ def test_bf16_autocast_push_on_cuda_equals_float32_push():
 
 
 # --------------------------------------------------------------------------- cached last layer
+@needs_device
 def test_similarity_cache_on_cuda_equals_cpu_distances():
     data = _Dataset()
     cpu, gpu = _protopnet(), _protopnet().to(DEVICE)
@@ -144,6 +149,7 @@ def test_similarity_cache_on_cuda_equals_cpu_distances():
     torch.testing.assert_close(cache.cpu(), reference, atol=1e-5, rtol=1e-5)
 
 
+@needs_device
 def test_cached_last_layer_phase_on_cuda_equals_recomputing_the_network(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
     push = pytest.importorskip("train.prototypes", reason="train.prototypes (PrototypePush) does not import here")
@@ -179,14 +185,18 @@ def test_cached_last_layer_phase_on_cuda_equals_recomputing_the_network(tmp_path
     plain, cached = fitted[False], fitted[True]
     assert cached.last_layer.weight.device.type == DEVICE.type
     assert not torch.equal(cached.last_layer.weight.cpu(), _protopnet().last_layer.weight)  # it did train
-    torch.testing.assert_close(cached.last_layer.weight, plain.last_layer.weight, atol=1e-5, rtol=1e-4)
+    # Tolerances: the joint epoch's CUDA backward may sum in another order, and Adam turns gradients near
+    # its eps into steps of up to ~1% of the learning rate, so the trunks agree to ~1e-4, not bitwise.
+    torch.testing.assert_close(cached.last_layer.weight, plain.last_layer.weight, atol=1e-4, rtol=1e-3)
     for name, value in plain.state_dict().items():
         if not name.startswith("last_layer"):
-            torch.testing.assert_close(cached.state_dict()[name], value, atol=1e-6, rtol=0, msg=name)
+            torch.testing.assert_close(cached.state_dict()[name], value, atol=1e-4, rtol=0, msg=name)
 
 
 # ------------------------------------------------------------------------------------ post-hoc
-FAST = {"rise": {"n_masks": 32}, "lime": {"n_samples": 24, "cells": 4}, "kernel_shap": {"n_samples": 24, "cells": 4},
+# LIME and Kernel SHAP fit a 16-feature surrogate: 64 samples keep it well conditioned, so float
+# differences of the model's outputs are not amplified.
+FAST = {"rise": {"n_masks": 32}, "lime": {"n_samples": 64, "cells": 4}, "kernel_shap": {"n_samples": 64, "cells": 4},
         "smoothgrad": {"n_samples": 4}, "integrated_gradients": {"n_steps": 8}, "occlusion": {"window": 16}}
 
 
@@ -198,6 +208,7 @@ def _methods() -> list[str]:
     return list_methods()
 
 
+@needs_device
 @pytest.mark.parametrize("method", _methods())
 def test_posthoc_method_on_cuda_equals_cpu(method):
     posthoc = pytest.importorskip("explain.posthoc", reason="explain.posthoc does not import here")
@@ -216,3 +227,19 @@ def test_posthoc_method_on_cuda_equals_cpu(method):
     scale = expected.abs().amax().item()
     assert scale > 0, f"{method}: the CPU map is all zero, nothing is compared"
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-3, atol=1e-4 * scale)
+
+
+# ------------------------------------------------------------------------------- the GPU script
+def test_gpu_check_script_parses_and_runs_every_benchmark_with_a_device_flag():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "benchmarks" / "gpu_check.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    listed = set(next(line for line in script.read_text().splitlines() if line.startswith("BENCHMARKS=")).split('"')[1].split())
+    with_device = {p.name for p in (root / "benchmarks").glob("*.py") if '"--device"' in p.read_text()}
+    assert listed == with_device
