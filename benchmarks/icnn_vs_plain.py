@@ -9,6 +9,7 @@ metrics, training time, throughput and the process's peak memory.
 
     python benchmarks/icnn_vs_plain.py               # a few minutes per network on 2 CPU threads
     python benchmarks/icnn_vs_plain.py --quick       # smoke run (32 images at 32 px, 1 epoch)
+    python benchmarks/icnn_vs_plain.py --device cuda
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def evaluate(model: pl.LightningModule, kind: str, dm: SyntheticParts, image_siz
 def run(kind: str, args: argparse.Namespace, dm: SyntheticParts) -> dict:
     pl.seed_everything(args.seed, verbose=False)
     model = build(kind, args, dm.num_classes)
-    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="auto", devices=1, logger=False,
+    accelerator = "gpu" if args.device == "cuda" else "cpu"
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator=accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[EpochLog(kind)])
     start = time.perf_counter()
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--networks", nargs="+", default=["interpretable", "no_filter_loss", "ordinary"],
                         choices=["interpretable", "no_filter_loss", "ordinary"])
     parser.add_argument("--json", default=None, help="also write the rows to this file")

@@ -9,6 +9,7 @@ CUDA) is its own.
 
     python benchmarks/prototree.py            # depth 9 (K 200) and 11 (K 196), batch 64
     python benchmarks/prototree.py --quick    # depth 9 only, batch 8, fewer repeats
+    python benchmarks/prototree.py --device cuda
 """
 from __future__ import annotations
 
@@ -113,10 +114,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="depth 9 only, batch 8, fewer repeats, one process")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--worker", nargs=5, metavar=("METHOD", "DEPTH", "K", "BATCH", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device
     if args.worker:
         method, depth, k, batch, repeats = args.worker
         print(json.dumps(worker(method, int(depth), int(k), int(batch), int(repeats), device)))
@@ -132,7 +134,7 @@ def main() -> None:
             if args.quick:  # a smoke run: in this process (peak memory is then not per method)
                 rows[method] = worker(method, depth, k, batch, repeats, device)
                 continue
-            cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads),
+            cmd = [sys.executable, os.path.abspath(__file__), "--threads", str(args.threads), "--device", device,
                    "--worker", method, str(depth), str(k), str(batch), str(repeats)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             rows[method] = json.loads(out.strip().splitlines()[-1])

@@ -197,7 +197,10 @@ class InterpretableClassifier(pl.LightningModule):
         metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
         if num_classes >= 5:
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5)
-        collection = MetricCollection(metrics)
+        # No compute groups: torchmetrics merges metrics whose states are equal after the first update,
+        # and top-1 and top-5 agree whenever a first batch is all right or all wrong; merged, top-5 would
+        # report top-1 for the rest of the epoch.
+        collection = MetricCollection(metrics, compute_groups=False)
         self.train_metrics = collection.clone(prefix="train/")
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")

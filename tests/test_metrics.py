@@ -205,6 +205,57 @@ def test_road_noise_only_touches_imputed_pixels():
     assert diff.std().item() == pytest.approx(0.05, rel=0.2)
 
 
+def test_road_noise_is_pixel_units_on_the_imputed_pixels_only():
+    # ROAD imputes images in [0, 1] and normalises afterwards: the noise std is 0.01 in pixel units,
+    # whatever the model's normalisation (zoo models: std ~0.22, which must not scale it).
+    model = Weighted(torch.full((32, 32), 1 / 1024), normalize=True)
+    gen = torch.Generator().manual_seed(4)
+    x, h = torch.rand(2, 3, 32, 32, generator=gen), torch.rand(2, 32, 32, generator=gen)
+    M.road(model, x, h, fractions=(0.5,), noise=0.0)
+    clean = model.seen[-1]
+    M.road(model, x, h, fractions=(0.5,), noise=0.01, seed=1)
+    diff = model.seen[-1] - clean
+    removed = torch.zeros(2, 32 * 32, dtype=torch.bool)
+    removed.scatter_(1, h.flatten(1).argsort(1, descending=True)[:, :512], True)
+    removed = removed.view(2, 1, 32, 32).expand_as(x)
+    assert torch.equal(diff[~removed], torch.zeros_like(diff[~removed]))
+    for c in range(3):
+        noise = diff[:, c][removed[:, c]]  # 1024 draws per channel
+        assert noise.std().item() == pytest.approx(0.01, rel=0.1)
+        assert abs(noise.mean().item()) < 0.01 * 4 / math.sqrt(len(noise))
+
+
+def _replaced_per_step(model, metric, heatmap, **kw):
+    """(n_steps + 1, H * W) bool: which pixels each step of `metric` took from the other image."""
+    image = torch.ones(1, 3, *heatmap.shape[-2:])
+    metric(model, image, heatmap, step=1, substrate=0.0, **kw)
+    steps = model.seen[-1][:, 0].flatten(1)  # one batch of every (image, step) pair
+    return steps == 0 if metric is M.deletion else steps == 1
+
+
+@pytest.mark.parametrize("metric", [M.deletion, M.insertion])
+@pytest.mark.parametrize("heatmap, order", [
+    ([[0.2, 0.7], [0.7, 0.2]], [1, 2, 0, 3]),  # two ties: the lower flat index y * W + x goes first
+    ([[0.5, 0.5], [0.5, 0.5]], [0, 1, 2, 3]),  # a constant map: row-major from the top left
+    ([[0.1, 0.3], [0.3, 0.3]], [1, 2, 3, 0]),
+])
+def test_deletion_and_insertion_take_tied_pixels_in_row_major_order(metric, heatmap, order):
+    replaced = _replaced_per_step(Weighted(W), metric, torch.tensor([heatmap]))
+    for i in range(5):
+        expected = torch.zeros(4, dtype=torch.bool)
+        expected[order[:i]] = True
+        assert torch.equal(replaced[i], expected), (i, replaced[i])
+
+
+@pytest.mark.parametrize("order", ["morf", "lerf"])
+def test_road_takes_tied_pixels_in_row_major_order(order):
+    model = Weighted(torch.full((4, 4), 1 / 16))
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    M.road(model, x, torch.zeros(1, 4, 4), order=order, fractions=(0.25,), noise=0.0)
+    changed = (model.seen[-1] != x).any(1)[0].flatten()
+    assert changed.nonzero()[:, 0].tolist() == [0, 1, 2, 3]  # 4 of 16 pixels: the first row
+
+
 def test_average_drop_and_increase_by_hand():
     model = Weighted(W)
     h = torch.tensor([[[1.0, 0.0], [0.5, 0.25]]])  # already in [0, 1]: x o L = L on a white image
@@ -413,3 +464,28 @@ def test_prototype_metrics_on_a_zoo_prototype_model():
     stability = M.prototype_stability(similarity_maps, images, keypoints, labels, classes, half_size=16)
     assert consistency.shape == stability.shape == classes.shape
     assert set(consistency.tolist()) <= {0.0, 1.0} and ((stability >= 0) & (stability <= 1)).all()
+
+
+# ----------------------------------------------------------------------------- classification accuracy
+def test_top5_accuracy_keeps_its_own_state_after_a_batch_where_it_equals_top1():
+    # torchmetrics would merge top-1 and top-5 into one compute group after a first batch on which they
+    # agree (here: all right). Second batch: every label ranks second, so top-1 is wrong and top-5 right.
+    # Each class appears once per batch, so macro and micro averages agree: top-1 1/2, top-5 1.
+    model = create_model("cam_test_resnet", num_classes=10)
+    labels = torch.arange(10)
+    first = F.one_hot(labels, 10).float() * 5
+    second = first * 0.8 + F.one_hot((labels + 1) % 10, 10).float() * 5
+    for collection in (model.train_metrics, model.val_metrics, model.test_metrics):
+        collection.update(first, labels)
+        collection.update(second, labels)
+        values = {k.split("/")[1]: v.item() for k, v in collection.compute().items()}
+        assert values == pytest.approx({"acc": 0.5, "acc_top5": 1.0})
+
+
+def test_metrics_module_re_exports_the_split_modules():
+    from explain import localisation_metrics, perturbation_metrics
+
+    for module in (perturbation_metrics, localisation_metrics):
+        for name in module.__all__:
+            assert getattr(M, name) is getattr(module, name) and name in M.__all__, name
+    assert len(M.__all__) == len(set(M.__all__)) == 23

@@ -20,6 +20,7 @@ from explain.posthoc import (
     list_methods,
     rise_masks,
 )
+from explain.posthoc import _render_rise_masks
 from models import create_model
 
 torch.set_num_threads(1)
@@ -55,7 +56,7 @@ def _grads_of_one(model, image, target, layer_name):
     return kept["a"].detach()[0], g[0]
 
 
-def test_list_methods_has_the_issue_methods():
+def test_list_methods_has_every_method():
     expected = {"saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "guided_backprop", "occlusion",
                 "lime", "kernel_shap", "deeplift", "gradcam", "gradcampp", "scorecam", "layercam", "rise", "intrinsic"}
     assert expected <= set(list_methods())
@@ -150,6 +151,60 @@ def test_rise_batched_equals_per_image_loop(model, images):
                 p = torch.softmax(model((base + (images[b] - base) * m)[None]), 1)[0, 2]
                 sal += p * m
         torch.testing.assert_close(ours[b], sal / (40 * 0.1), rtol=1e-4, atol=1e-5)
+
+
+def test_rise_mask_upsampling_reflects_at_the_borders_by_hand():
+    # Grid [[1, 0], [0, 0]], 4 x 4 image: cell 2, upsampled to 6 x 6. Output sample i sits at
+    # (i + 0.5) / 3 - 0.5 = -1/3, 0, 1/3, 2/3, 1, 4/3 of the grid; the linear profile of [1, 0] mirrored
+    # about the edge samples (skimage's mode="reflect") is 2/3, 1, 2/3, 1/3, 0, 1/3 (repeating the edge
+    # would give 1, 1, 2/3, 1/3, 0, 0). Mask = outer product of the profiles, cropped at dy = 1, dx = 0.
+    profile = torch.tensor([2 / 3, 1, 2 / 3, 1 / 3, 0, 1 / 3])
+    grid = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    mask = _render_rise_masks(grid, torch.tensor([1]), torch.tensor([0]), (4, 4), (2, 2))
+    torch.testing.assert_close(mask[0], torch.outer(profile[1:5], profile[0:4]))
+
+
+def test_rise_masks_equal_scipy_zoom_in_mirror_mode():
+    # skimage's resize(order=1, mode="reflect", anti_aliasing=False), which RISE calls, is scipy's
+    # zoom(order=1, mode="mirror", grid_mode=True).
+    from scipy import ndimage
+
+    gen = torch.Generator().manual_seed(2)
+    grid = (torch.rand(3, 1, 8, 8, generator=gen) < 0.5).float()
+    dy, dx = torch.tensor([0, 3, 6]), torch.tensor([6, 0, 2])
+    masks = _render_rise_masks(grid, dy, dx, (50, 44), (7, 6))
+    for i in range(3):
+        up = ndimage.zoom(grid[i, 0].double().numpy(), (63 / 8, 54 / 8), order=1, mode="mirror", grid_mode=True)
+        ref = torch.from_numpy(up[dy[i]:dy[i] + 50, dx[i]:dx[i] + 44]).float()
+        torch.testing.assert_close(masks[i], ref, atol=1e-6, rtol=0)
+
+
+def _smoothgrad_of_one(model, image, target, n_samples, noise_level, seed):
+    """Reference: one image, one noisy copy per backward, the noise of the documented generator."""
+    noise = torch.randn((n_samples, *image.shape), generator=torch.Generator().manual_seed(seed))
+    sigma = noise_level * (image.max() - image.min())
+    total = torch.zeros_like(image)
+    for eps in noise:
+        x = (image + sigma * eps)[None].requires_grad_(True)
+        (g,) = torch.autograd.grad(model(x)[0, target], x)
+        total += g[0]
+    return (total / n_samples).abs().amax(0)
+
+
+def test_smoothgrad_noise_is_scaled_per_image_and_batch_invariant(model, images):
+    # Batch mates of very different value ranges: sigma must come from each image alone.
+    batch = torch.cat([images[:1], images[1:2] * 0.1, images[2:] * 0.5 + 0.5])
+    target = torch.tensor([0, 3, 1])
+    ours = attribute(model, batch, target, method="smoothgrad", n_samples=5, batch_size=2, seed=7)
+    for b in range(3):
+        ref = _smoothgrad_of_one(model, batch[b], int(target[b]), 5, 0.15, 7)
+        torch.testing.assert_close(ours[b], ref, rtol=1e-4, atol=1e-6)
+        alone = attribute(model, batch[b:b + 1], target[b:b + 1], method="smoothgrad", n_samples=5, seed=7)
+        torch.testing.assert_close(ours[b], alone[0], rtol=1e-4, atol=1e-6)
+    swapped = attribute(model, batch.flip(0), target.flip(0), method="smoothgrad", n_samples=5, batch_size=5, seed=7)
+    torch.testing.assert_close(swapped.flip(0), ours, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="n_samples >= 1"):
+        attribute(model, batch, target, method="smoothgrad", n_samples=0)
 
 
 def test_rise_masks_shape_and_density():
