@@ -92,7 +92,10 @@ def run(kind: str, args: argparse.Namespace, dm: SyntheticParts) -> dict:
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, callbacks=[EpochLog(kind)])
     start = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    if args.load:  # evaluate networks saved by an earlier --save run instead of training them
+        model.load_state_dict(torch.load(os.path.join(args.load, f"{kind}.pt"), weights_only=True))
+    else:
+        trainer.fit(model, datamodule=dm)
     seconds = time.perf_counter() - start
     acc = trainer.test(model, datamodule=dm, verbose=False)[0]["test/acc"]
     model.eval()
@@ -100,7 +103,8 @@ def run(kind: str, args: argparse.Namespace, dm: SyntheticParts) -> dict:
         os.makedirs(args.save, exist_ok=True)
         torch.save(model.state_dict(), os.path.join(args.save, f"{kind}.pt"))
     row = {"network": kind, "lambda": getattr(model, "filter_loss_weight", 0.0), "test_acc": acc,
-           "train_s": seconds, "img_per_s": args.epochs * args.train_size / seconds, "peak_mb": peak_memory_mb()}
+           "train_s": seconds, "img_per_s": 0.0 if args.load else args.epochs * args.train_size / seconds,
+           "peak_mb": peak_memory_mb()}
     row.update(evaluate(model, kind, dm, args.image_size, args.li_map))
     return row
 
@@ -136,6 +140,7 @@ def main() -> None:
     parser.add_argument("--networks", nargs="+", default=networks, choices=networks)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--save", default=None, help="folder for the trained networks' state dicts")
+    parser.add_argument("--load", default=None, help="folder of state dicts (from --save) to evaluate without training")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.train_size, args.test_size, args.image_size = 1, 32, 32, 32

@@ -147,13 +147,13 @@ def released_code_class_weights(categories: Tensor, num_classes: int, single_cat
     0.5 / d_c and 0.5 / (1 - d_c) otherwise, d_c = 1 / K for K > 10 classes, else the class density
     (the share of training images of class c; None = 1 / K, exact for class-balanced data)."""
     if single_category:
-        ones = torch.ones(categories.shape, device=categories.device)
+        ones = torch.ones(categories.shape, device=categories.device, dtype=torch.float64)
         return ones, ones
     if density is None or num_classes > 10:
-        density = torch.full((num_classes,), 1.0 / num_classes, device=categories.device)
+        density = torch.full((num_classes,), 1.0 / num_classes, device=categories.device, dtype=torch.float64)
     if density.shape != (num_classes,) or not bool(((density > 0) & (density < 1)).all()):
         raise ValueError(f"density must hold {num_classes} values in (0, 1), got {density.tolist()}")
-    d = density.to(categories.device)[categories]
+    d = density.to(categories.device, torch.float64)[categories]
     return 0.5 / d, 0.5 / (1 - d)
 
 
