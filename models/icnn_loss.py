@@ -175,7 +175,7 @@ def _normalised_strength(exponent: Tensor, bracket: Tensor, group: Tensor) -> Te
     strength = torch.where(group, torch.exp(shifted - top) * bracket, torch.zeros_like(bracket))
     mean = strength.sum(dim=0, keepdim=True) / group.sum(dim=0, keepdim=True).clamp(min=1)
     ratio = torch.where(group, strength / mean, torch.zeros_like(strength)).nan_to_num(nan=0.0)
-    finite = ratio[torch.isfinite(ratio)]  # a zero mean: inf becomes the largest finite value, as in the code
+    finite = ratio[torch.isfinite(ratio) & group]  # a zero mean: inf becomes the largest finite value, as in the code
     return torch.where(torch.isinf(ratio), finite.max() if finite.numel() else 0.0, ratio)
 
 
