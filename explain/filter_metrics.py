@@ -1,4 +1,4 @@
-"""Filter-level part metrics of Zhang et al. (CVPR 2018; spec ``specs/icnn_cam_metrics.md`` 1.7).
+"""Filter-level part metrics of Zhang et al. (Interpretable CNNs, CVPR 2018).
 
 They read one conv layer of any model through a forward hook, stream over a loader of dict batches
 (``"image"`` in [0, 1], ``"part_masks"`` (B, S, H, W) bool, ``"keypoints"`` (B, S, 3) = (x, y, visible),
@@ -11,6 +11,12 @@ optionally ``"label"``), so ordinary and interpretable CNNs are scored on the sa
   active unit; for each landmark, the std (ddof=1) of its distance to that location over the filter's
   top-100 images (by max activation, among images where the landmark is visible), divided by the image
   diagonal; the score is the mean over filters of the mean over landmarks (lower is better).
+
+Which map to read is the caller's choice of layer. The released `computeStability.m` reads the raw
+(pre-ReLU, unmasked) output of the new conv layer (`InterpretableCNN.raw_feature_layer`); with the
+released code's centroid mask the peak of the masked map can sit elsewhere, so the two differ.
+`filter_class_assignment` gives each filter a category by the paper's statistic (``"mean"``) or by the
+released multi-class stability script's (``"max"``).
 """
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ def capture_layer(model: nn.Module, layer: nn.Module | str) -> Iterator[list[Ten
         if not isinstance(output, Tensor) or output.dim() != 4:
             kind = type(output).__name__ if not isinstance(output, Tensor) else f"a {output.dim()}-d tensor"
             raise TypeError(f"the hooked layer must output a (B, C, h, w) tensor, got {kind}")
-        outputs.append(output.detach())
+        outputs.append(output.detach().clone())  # a later in-place op (ReLU(inplace=True)) must not change it
 
     handle = _resolve_layer(model, layer).register_forward_hook(hook)
     try:
@@ -205,17 +211,25 @@ def filter_class_assignment(
     layer: nn.Module | str,
     loader: Iterable,
     num_classes: int,
+    statistic: str = "mean",
     max_batches: int | None = None,
     device: Any = None,
 ) -> Tensor:
-    """(C,) class of each filter: argmax_c of the mean over images of class c of mean_ij x (the paper's
-    rule), so that any model's filters can be scored on their own category's images."""
+    """(C,) class of each filter: argmax_c of the mean over images of class c of a per-image statistic
+    of the filter's map, so that any model's filters can be scored on their own category's images.
+
+    statistic: ``"mean"`` (mean_ij x: the paper's sum_ij x up to n^2) or ``"max"`` (max_ij x: the
+    released multi-class `step_computeStability_multiClass.m`, which scores each filter's location
+    instability on the class with the highest mean peak).
+    """
+    if statistic not in ("mean", "max"):
+        raise ValueError(f"statistic must be 'mean' or 'max', got {statistic!r}")
     sums: Tensor | None = None
     counts = torch.zeros(num_classes)
     with _activation_stream(model, layer, loader, device, max_batches) as stream:
         for batch, act in stream:
             onehot = F.one_hot(_require(batch, "label").long(), num_classes).float()
-            per_image = act.mean(dim=(2, 3))
+            per_image = act.mean(dim=(2, 3)) if statistic == "mean" else act.flatten(2).amax(dim=2)
             sums = (per_image.T @ onehot) if sums is None else sums + per_image.T @ onehot
             counts += onehot.sum(dim=0).cpu()
     if sums is None:

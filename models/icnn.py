@@ -1,11 +1,13 @@
-"""Interpretable CNN (Zhang, Wu, Zhu, CVPR 2018; spec: ``specs/icnn_cam_metrics.md`` section 1).
+"""Interpretable CNN (Zhang, Wu, Zhu, CVPR 2018, arXiv 1710.00935): the layer and the model.
 
 Each filter of the interpretable layers should fire on one part of one category. After ReLU, the map x
 (n x n) of every filter passes through the positive template centred on its peak, ``max(x * T_mu, 0)``,
 in training and inference, and a filter loss (negative mutual information between maps and templates)
-pulls each filter towards one category and one location.
+pulls each filter towards one category and one location. The maths of the templates and of the two
+gradient rules are in `models.icnn_loss`.
 
-Choices between the paper and the released code (section 1.9 of the spec):
+Choices between the paper and the released code (zqs1022/interpretableCNN, MatConvNet, and its PyTorch
+port ada-shen/ICNN):
 - Placement: the trunk is cut at its top conv layer (VGG-16 at relu5_3, ResNet after layer3 as in the
   PyTorch port, any timm trunk); its output is masked (``mask_backbone``, the paper's first
   interpretable layer) and `num_layers` new 3x3 convs (same channels, bias, zero padding) follow, each
@@ -16,22 +18,28 @@ Choices between the paper and the released code (section 1.9 of the spec):
 - Mask: ``variant="paper"`` uses mu = argmax and a fixed beta (4); ``variant="released_code"`` uses the
   rounded activation-weighted centroid on a linspace(-1, 1) grid and a per-channel beta that tracks
   clip(3 / sigma, 1.5, 3) (its official "gradient"), starting at 2.0. tau is never applied in forward
-  (as in every public implementation), only inside exp(tr(x . T)) of the loss.
-- tau: default 0.5 / n^2 (``tau="n2"``), with alpha = n^2 / (1 + n^2) (uniform prior over the n^2 + 1
-  templates). This is the reading of arXiv v4 in the spec and the choice of the independent
-  re-implementation; the released code uses mean_ij (a 1/n^2 scaling) with temperature 0.5, which also
-  points to 1/n^2. ``tau="n"`` gives 0.5 / n. We could not re-check the PDF in this sandbox.
-- Loss: Eq. 4 keeps only the template T_hat of each (image, filter): T_mu_hat if the image is of the
-  filter's category, else T-. Z_T is a running (EMA) estimate per filter and template, and p(x) =
+  (as in every public implementation), only inside exp(tr(x . T)) of the loss. In both, the task
+  gradient treats the mask as constant (dL/dx = grad * T where x * T > 0), as the released backward.
+- Filter loss rule: ``filter_loss="paper"`` (Eq. 4, below) or ``"released_code"`` (the gradient the
+  released ``conv_mask`` backward injects; its five differences from Eq. 4 are listed in
+  `models.icnn_loss`). The mask variant and the rule are independent choices.
+- tau (paper rule): default 0.5 / n^2 (``tau="n2"``), with alpha = n^2 / (1 + n^2) (uniform prior over
+  the n^2 + 1 templates), a reading of arXiv v4 shared by an independent re-implementation; ``tau="n"``
+  gives 0.5 / n. The released code's exponent is mean_ij(x M) / 0.5 = tr(x . M) * 2 / n^2, i.e.
+  tau = 2 / n^2, four times that default; the released rule always uses it, and ``tau="code"`` gives it
+  to the paper rule.
+- Paper rule: Eq. 4 keeps only the template T_hat of each (image, filter): T_mu_hat if the image is of
+  the filter's category, else T-. Z_T is a running (EMA) estimate per filter and template, and p(x) =
   sum_T p(T) e^{tr(x.T)} / Z_T over all n^2 + 1 templates with those Z_T; both detached. The sign:
   Eq. 4 as printed equals dMI/dx (the +1 terms of the two entropy derivatives cancel); the loss is
   -MI, so we use the negative, which raises x inside the template (as the released code's injected
   gradient does).
 - Filter category: argmax_c of an EMA (momentum 0.9, as the code's `sliceMag`) of the per-class mean of
-  mean_ij x (the paper's sum_ij x up to the constant n^2; the code uses the max). In ``mode="logistic"``
-  (single category, label `positive_class` against negatives) every filter belongs to the positive class.
-- Training from scratch (our SyntheticParts runs; the paper fine-tunes ImageNet CNNs) needs guards,
-  all switchable (False / 0 = the paper's Eq. 4 as printed, up to the sign):
+  mean_ij x (the paper's sum_ij x up to the constant n^2; `sliceMag` averages max_ij x instead). In
+  ``mode="logistic"`` (single category, label `positive_class` against negatives) every filter belongs
+  to the positive class.
+- Training from scratch (our SyntheticParts runs; the paper fine-tunes ImageNet CNNs) needs guards on
+  the paper rule, all switchable (False / 0 = the paper's Eq. 4 as printed, up to the sign):
   * `clip_log_ratio` (default on): Eq. 4 keeps one template because e^{tr(x.T')} << e^{tr(x.T_hat)}
     "after the first epochs". Where log[p(x|T_hat) / p(x)] < 0 that does not hold, and the printed
     gradient pushes x *away* from T_hat: it raised the activations of images outside a filter's
@@ -39,8 +47,11 @@ Choices between the paper and the released code (section 1.9 of the spec):
     Eq. 4 only where the ratio is >= 0 (implemented by clamping tr(x.T_hat) from below at
     log Z + log p(x), so the surrogate is continuous and its gradient there is zero).
   * `normalize_filter_gradient` (default on): the raw loss is unbounded below in the activation
-    scale (e^s / Z favours ever larger peaks), so each filter's coefficients are divided by their
-    batch mean magnitude, as the released code normalises its injected gradient per filter.
+    scale (e^s / Z favours ever larger peaks), so each filter's Eq. 4 coefficients are divided by their
+    mean magnitude over all images of the batch. What follows the released code is the idea of a
+    per-filter, per-batch normalisation of the injected gradient; the code differs in dividing by the
+    signed mean, over positive and negative images apart, and then scaling by 1e-5, class weights
+    and 1 / epoch (the ``"released_code"`` rule does all of that).
   * `filter_loss_warmup` epochs without the loss let filters acquire class preferences first.
   * `category_assignment`: ``"ema"`` (paper and code: argmax of the EMA at every step), ``"frozen"``
     (that argmax, fixed when the loss switches on) or ``"balanced"`` (fixed then too, each class
@@ -60,6 +71,19 @@ from torch import Tensor, nn
 
 from .backbones import Backbone, ReceptiveField
 from .base import Explanation, InterpretableClassifier
+from .icnn_loss import (
+    argmax_mu,
+    balanced_categories,
+    centroid_mu,
+    filter_loss_surrogate,
+    negative_template,
+    normalised_l1_distances,
+    part_templates,
+    released_code_class_weights,
+    released_code_coefficients,
+    released_code_decay,
+    template_tau,
+)
 from .pretrained import PretrainedEntry, register_pretrained
 from .registry import register_model
 
@@ -76,98 +100,6 @@ __all__ = [
     "filter_loss_surrogate",
     "balanced_categories",
 ]
-
-
-# ----------------------------------------------------------------------------------------- templates
-def part_templates(h: int, w: int, beta: float = 4.0, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """The h*w positive templates without tau, (h*w, h, w), mu = i0 * w + j0 (row-major).
-
-    t[mu, i, j] = max(1 - beta * (|i - i0| / h + |j - j0| / w), -1), i.e. the paper's
-    max(1 - beta * ||[i, j] - mu||_1 / n, -1) for square n x n maps (each axis over its own length when
-    the map is not square).
-    """
-    if h < 1 or w < 1:
-        raise ValueError(f"template size must be positive, got {h}x{w}")
-    i = torch.arange(h, device=device, dtype=dtype)
-    j = torch.arange(w, device=device, dtype=dtype)
-    mu_i, mu_j = i.repeat_interleave(w), j.repeat(h)
-    dist = (i[None, :, None] - mu_i[:, None, None]).abs() / h + (j[None, None, :] - mu_j[:, None, None]).abs() / w
-    return (1 - beta * dist).clamp(min=-1.0)
-
-
-def negative_template(h: int, w: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """T- without tau: -1 everywhere, (h, w)."""
-    return torch.full((h, w), -1.0, device=device, dtype=dtype)
-
-
-def normalised_l1_distances(h: int, w: int, device: Any = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """|Y - Y_mu| + |X - X_mu| on linspace(-1, 1) grids (the released code's coordinates), (h*w, h, w)."""
-    y = torch.linspace(-1, 1, h, device=device, dtype=dtype)
-    x = torch.linspace(-1, 1, w, device=device, dtype=dtype)
-    return (y[None, :, None] - y.repeat_interleave(w)[:, None, None]).abs() + (
-        x[None, None, :] - x.repeat(h)[:, None, None]
-    ).abs()
-
-
-def template_tau(h: int, w: int, rule: str | float = "n2") -> float:
-    """tau of the loss templates: ``"n2"`` -> 0.5 / n^2, ``"n"`` -> 0.5 / n (n^2 = h * w), or a number."""
-    if rule == "n2":
-        return 0.5 / (h * w)
-    if rule == "n":
-        return 0.5 / math.sqrt(h * w)
-    if isinstance(rule, (int, float)) and not isinstance(rule, bool) and rule > 0:
-        return float(rule)
-    raise ValueError(f"tau must be 'n2', 'n' or a positive number, got {rule!r}")
-
-
-def argmax_mu(x: Tensor) -> Tensor:
-    """Flat index of the peak of each map (B, C, h, w) -> (B, C) (paper)."""
-    return x.flatten(2).argmax(dim=2)
-
-
-def centroid_mu(x: Tensor) -> Tensor:
-    """Flat index of the rounded activation-weighted centroid (B, C) (released code, `IsUseMax=false`).
-
-    An all-zero map gets index 0, as the code does (it divides by max(sum x, 1e-9)).
-    """
-    _, _, h, w = x.shape
-    mass = x.sum(dim=(2, 3)).clamp(min=1e-9)
-    rows = torch.arange(h, device=x.device, dtype=x.dtype)
-    cols = torch.arange(w, device=x.device, dtype=x.dtype)
-    i = ((x.sum(dim=3) * rows).sum(dim=2) / mass).round().clamp(0, h - 1)
-    j = ((x.sum(dim=2) * cols).sum(dim=2) / mass).round().clamp(0, w - 1)
-    return (i * w + j).long()
-
-
-def balanced_categories(class_activation: Tensor) -> Tensor:
-    """(C,) categories with floor(C/K) or ceil(C/K) filters per class (the first C mod K classes get
-    one more), maximising the sum over filters of their share of activation on their class
-    (activation / the filter's total over classes), by linear assignment (scipy)."""
-    from scipy.optimize import linear_sum_assignment
-
-    act = class_activation.detach().float().clamp(min=0).cpu()
-    share = act / act.sum(dim=1, keepdim=True).clamp(min=1e-12)
-    channels, classes = share.shape
-    slots = torch.arange(channels) % classes  # the class of each of the C slots
-    rows, cols = linear_sum_assignment(share[:, slots].numpy(), maximize=True)
-    categories = torch.empty(channels, dtype=torch.long)
-    categories[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
-    return categories.to(class_activation.device)
-
-
-def filter_loss_surrogate(s: Tensor, log_z: Tensor, log_px: Tensor, log_prior: Tensor) -> Tensor:
-    """Per-(image, filter) surrogate of -MI whose gradient is the paper's Eq. 4 (negated, see module doc).
-
-    With s = tr(x . T_hat) (T_hat includes tau) and Z, p(x), p(T_hat) constants:
-
-        L = -p(T_hat) e^s / Z * (s - log Z - log p(x) - 1)
-        dL/ds = -p(T_hat) e^s / Z * (s - log Z - log p(x)),   dL/dx_ij = dL/ds * t_hat_ij.
-
-    L is the single-template term of -MI plus p(T) p(x|T); summed over all x and T that addition is the
-    constant 1, so with exact Z the full sum equals -MI + 1.
-    """
-    log_ratio = s - log_z - log_px
-    return -torch.exp(log_prior + s - log_z) * (log_ratio - 1)
 
 
 # ----------------------------------------------------------------------------------------- the layer
@@ -188,19 +120,19 @@ class InterpretableLayer(nn.Module):
         channels: number of filters C (input and output).
         num_classes: K, for the class-wise activation that assigns each filter a category.
         conv: add a new 3x3 conv (False: mask the incoming map, e.g. the trunk's top conv layer).
-        variant: ``"paper"`` or ``"released_code"`` (see the module docstring).
-        beta: the paper's fixed beta (``"paper"`` only).
-        tau: ``"n2"``, ``"n"`` or a number (see `template_tau`).
+        variant: ``"paper"`` or ``"released_code"`` mask (see the module docstring).
+        loss_rule: ``"paper"`` (Eq. 4) or ``"released_code"`` (the released backward) filter gradient.
+        beta: the paper's fixed beta (``"paper"`` mask only).
+        tau: ``"n2"``, ``"code"``, ``"n"`` or a number (see `template_tau`; paper rule only).
         prior_alpha: p(T_mu) = alpha / n^2, p(T-) = 1 - alpha; None = n^2 / (1 + n^2).
         momentum: of the running estimates (Z_T and the class-wise activation).
         beta_rate: per-step rate at which the released code's beta tracks clip(3 / sigma, 1.5, 3).
         single_category: every filter belongs to class 1 (logistic mode).
         clip_log_ratio: apply Eq. 4 only where log[p(x|T_hat) / p(x)] >= 0 (module docstring).
-        normalize_gradient: divide each filter's Eq. 4 coefficients by their batch mean magnitude
-            (detached), as the released code normalises its injected gradient per filter; the loss value
-            stays the surrogate's, only the gradient is rescaled. Without it
-            the loss is unbounded in the activation scale: from scratch, activations grow and the
-            categories collapse onto one class (see the note in the module docstring).
+        normalize_gradient: divide each filter's Eq. 4 coefficients by their mean magnitude over the
+            batch (detached; the loss value stays the surrogate's, only the gradient is rescaled).
+            Without it the loss is unbounded in the activation scale: from scratch, activations grow and
+            the categories collapse onto one class (see the note in the module docstring).
 
     The output of `out` (an identity) is the masked map: hook it to read the layer (it fires in every
     forward); `forward` returns all of `LayerMaps`.
@@ -212,6 +144,7 @@ class InterpretableLayer(nn.Module):
         num_classes: int,
         conv: bool = True,
         variant: str = "paper",
+        loss_rule: str = "paper",
         beta: float = 4.0,
         tau: str | float = "n2",
         prior_alpha: float | None = None,
@@ -224,6 +157,8 @@ class InterpretableLayer(nn.Module):
         super().__init__()
         if variant not in ("paper", "released_code"):
             raise ValueError(f"variant must be 'paper' or 'released_code', got {variant!r}")
+        if loss_rule not in ("paper", "released_code"):
+            raise ValueError(f"filter_loss must be 'paper' or 'released_code', got {loss_rule!r}")
         if beta <= 0:
             raise ValueError(f"beta must be positive, got {beta}")
         if prior_alpha is not None and not 0 < prior_alpha < 1:
@@ -231,7 +166,7 @@ class InterpretableLayer(nn.Module):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         template_tau(1, 1, tau)  # validates
-        self.variant, self.beta, self.tau, self.prior_alpha = variant, float(beta), tau, prior_alpha
+        self.variant, self.loss_rule, self.beta, self.tau, self.prior_alpha = variant, loss_rule, float(beta), tau, prior_alpha
         self.momentum, self.beta_rate, self.single_category = float(momentum), float(beta_rate), single_category
         self.normalize_gradient, self.clip_log_ratio = normalize_gradient, clip_log_ratio
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if conv else None
@@ -358,14 +293,17 @@ class InterpretableLayer(nn.Module):
             self.register_buffer(name, new.detach().clone(), persistent=False)
         return new
 
-    def filter_loss(self, maps: LayerMaps, labels: Tensor, update: bool = True) -> Tensor:
-        """Sum over filters of the batch mean of `filter_loss_surrogate`.
+    def filter_loss(self, maps: LayerMaps, labels: Tensor, update: bool = True, epoch: int = 1) -> Tensor:
+        """Sum over filters of the batch mean of the per-(image, filter) loss of the layer's rule.
 
         Args:
             maps: this layer's output for the batch.
             labels: (B,) class of each image (0/1 in logistic mode).
-            update: store the running Z_T estimates (training).
+            update: store the running Z_T estimates (training; paper rule).
+            epoch: the training epoch counted from 1 (the released rule's 1 / epoch decay).
         """
+        if self.loss_rule == "released_code":
+            return self._released_code_loss(maps, labels, epoch)
         x = maps.features
         b, c, h, w = x.shape
         hw = h * w
@@ -395,6 +333,22 @@ class InterpretableLayer(nn.Module):
             per_image = scaled - scaled.detach() + per_image.detach()
         return per_image.sum(dim=1).mean()
 
+    def _released_code_loss(self, maps: LayerMaps, labels: Tensor, epoch: int) -> Tensor:
+        """Surrogate -c * tr(x . T_hat) with c = `released_code_coefficients` (detached), so that its
+        gradient is the released code's injected one. MatConvNet sums the loss over the batch and
+        divides the update by the batch size; the batch mean here keeps the same ratio to the mean
+        cross-entropy. Its value is not a loss to read, only its gradient counts."""
+        x = maps.features
+        categories = self.filter_categories()
+        num_classes = self.class_activation.shape[1]
+        positive = labels[:, None] == categories[None, :]
+        w_pos, w_neg = released_code_class_weights(categories, num_classes, self.single_category)
+        decay = released_code_decay(epoch, num_classes, self.single_category)
+        coef = released_code_coefficients(x.detach(), maps.mask, positive, w_pos.to(x), w_neg.to(x), decay)
+        template_hat = torch.where(positive[..., None, None], maps.mask, torch.full_like(maps.mask, -1.0))
+        per_image = -coef * (x * template_hat).sum(dim=(2, 3))
+        return per_image.sum(dim=1).mean()
+
 
 # ----------------------------------------------------------------------------------------- the model
 class InterpretableCNN(InterpretableClassifier):
@@ -410,6 +364,8 @@ class InterpretableCNN(InterpretableClassifier):
         num_layers: new 3x3 interpretable conv layers after the trunk.
         mask_backbone: also mask (and apply the filter loss to) the trunk's top conv output.
         variant: ``"paper"`` or ``"released_code"`` mask (see the module docstring).
+        filter_loss: ``"paper"`` (Eq. 4) or ``"released_code"`` (the released backward's gradient; its
+            own scale is the code's, so lambda = 1 reproduces it).
         beta, tau, prior_alpha, momentum, beta_rate: of the templates and the loss (`InterpretableLayer`).
         filter_loss_weight: lambda; the total is cross_entropy + lambda * filter_loss.
         filter_loss_warmup: epochs trained with lambda = 0 first (the filter loss is still logged and the
@@ -437,6 +393,7 @@ class InterpretableCNN(InterpretableClassifier):
         num_layers: int = 1,
         mask_backbone: bool = True,
         variant: Literal["paper", "released_code"] = "paper",
+        filter_loss: Literal["paper", "released_code"] = "paper",
         beta: float = 4.0,
         tau: str | float = "n2",
         prior_alpha: float | None = None,
@@ -472,7 +429,7 @@ class InterpretableCNN(InterpretableClassifier):
         self.backbone = Backbone(backbone, stage=stage, pretrained=pretrained_backbone)
         channels = self.backbone.out_channels
         layer_kw = dict(
-            variant=variant, beta=beta, tau=tau, prior_alpha=prior_alpha, momentum=momentum,
+            variant=variant, loss_rule=filter_loss, beta=beta, tau=tau, prior_alpha=prior_alpha, momentum=momentum,
             beta_rate=beta_rate, single_category=mode == "logistic", normalize_gradient=normalize_filter_gradient,
             clip_log_ratio=clip_log_ratio,
         )
@@ -512,6 +469,15 @@ class InterpretableCNN(InterpretableClassifier):
         """The module whose output is the last interpretable layer's masked map (hook it for metrics)."""
         return self.interpretable[-1].out
 
+    @property
+    def raw_feature_layer(self) -> nn.Module:
+        """The last interpretable layer's new conv, whose output is the raw (pre-ReLU, unmasked) map: what
+        the released `computeStability.m` reads for location instability."""
+        conv = self.interpretable[-1].conv
+        if conv is None:
+            raise ValueError("the last interpretable layer masks the trunk's output and has no conv of its own (num_layers=0)")
+        return conv
+
     def receptive_field(self, image_size: int) -> ReceptiveField:
         """Of the interpretable layers' cells: the trunk's, widened by each 3x3 conv (centres unchanged)."""
         rf = self.backbone.receptive_field(image_size)
@@ -539,7 +505,9 @@ class InterpretableCNN(InterpretableClassifier):
                 layer.update_statistics(m, labels)
                 if self.category_assignment != "ema" and active and layer.fixed_categories[0] < 0:
                     layer.freeze_categories(balanced=self.category_assignment == "balanced")
-        filter_loss = sum(layer.filter_loss(m, labels, update=self.training) for layer, m in zip(self.interpretable, maps))
+        epoch = self.current_epoch + 1
+        filter_loss = sum(layer.filter_loss(m, labels, update=self.training, epoch=epoch)
+                          for layer, m in zip(self.interpretable, maps))
         weight = self.filter_loss_weight if active else 0.0
         return logits, {"loss": ce + weight * filter_loss, "cross_entropy": ce, "filter_loss": filter_loss}
 

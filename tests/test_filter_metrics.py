@@ -157,6 +157,66 @@ def test_filter_class_assignment_by_hand():
     # filter 1: class 0 1 + 4, class 1 6 + 3 -> 1
     classes = filter_class_assignment(Toy(), "pool", batches(images, label=labels), num_classes=2)
     assert classes.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="statistic"):
+        filter_class_assignment(Toy(), "pool", batches(images, label=labels), num_classes=2, statistic="sum")
+
+
+def test_filter_class_assignment_by_the_mean_peak():
+    """The released multi-class stability script: argmax_c of the class-wise mean of max_ij x. A
+    filter with one strong peak on class 0 and broad weak activation on class 1 goes to class 0 by
+    the peak, to class 1 by the mean."""
+    images = torch.zeros(4, 3, 8, 8)
+    labels = torch.tensor([0, 0, 1, 1])
+    images[0:2, 0, 0:2, 0:2] = 4.0  # one 4x4 cell at 4: mean 4 / 16 = 0.25, max 4
+    images[2:4, 0] = 0.5  # every cell at 0.5: mean 0.5, max 0.5
+    images[:, 1] = torch.tensor([0.1, 0.2, 0.3, 0.4])[:, None, None]  # filter 1: class 1 by both
+    loader = batches(images, label=labels)
+    assert filter_class_assignment(Toy(), "pool", loader, num_classes=2).tolist() == [1, 1]
+    assert filter_class_assignment(Toy(), "pool", loader, num_classes=2, statistic="max").tolist() == [0, 1]
+
+
+class MaskedToy(nn.Module):
+    """An interpretable layer whose new conv copies image channel 0: its raw output is that channel."""
+
+    def __init__(self, variant: str) -> None:
+        super().__init__()
+        from models.icnn import InterpretableLayer
+
+        self.layer = InterpretableLayer(1, 2, conv=False, variant=variant)
+        self.layer.conv = nn.Conv2d(1, 1, 3, padding=1)
+        with torch.no_grad():
+            self.layer.conv.weight.zero_()
+            self.layer.conv.weight[0, 0, 1, 1] = 1.0
+            self.layer.conv.bias.zero_()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layer(images[:, :1]).masked
+
+
+def test_location_instability_reads_the_raw_map_where_the_masked_peak_moves():
+    """A sharp peak (1.0) away from a broad block (16 pixels at 0.6): the centroid mask of the released
+    code sits in the block and zeroes the peak, so the masked map peaks in the block. The raw map (what
+    computeStability.m reads) peaks at the sharp peak; with the paper's argmax mask the two agree."""
+    peaks = [(0, 0), (0, 2), (1, 0)]  # (row, col) per image; the block fills rows 4-7, cols 4-7
+    images = torch.zeros(3, 3, 8, 8)
+    for n, (i, j) in enumerate(peaks):
+        images[n, 0, 4:8, 4:8] = 0.6 - 0.01 * n
+        images[n, 0, i, j] = 1.0
+    keypoints = torch.tensor([[[1.0, 1.0, 1.0]]] * 3)  # (x, y) = (1, 1)
+    loader = [{"image": images, "keypoints": keypoints}]
+    toy = MaskedToy("released_code")
+    raw = location_instability(toy, toy.layer.conv, loader)
+    # the map tiles the image 1:1: cell (i, j) is centred on pixel (y, x) = (i, j)
+    d = statistics.stdev([math.hypot(j - 1.0, i - 1.0) for i, j in peaks]) / DIAGONAL
+    assert raw.value == pytest.approx(d)
+    masked = location_instability(toy, toy.layer.out, loader)
+    with torch.no_grad():
+        masked_maps = toy(images)[:, 0]
+    assert all(masked_maps[n].flatten().argmax() // 8 >= 4 for n in range(3))  # peaks inside the block
+    assert abs(masked.value - raw.value) > 0.01
+    paper = MaskedToy("paper")
+    assert location_instability(paper, paper.layer.out, loader).value == pytest.approx(
+        location_instability(paper, paper.layer.conv, loader).value)
 
 
 def test_hooks_are_removed_even_on_errors():

@@ -1,4 +1,4 @@
-"""Interpretable CNN: templates, mask, filter loss (value and gradient), categories, model, checkpoints."""
+"""Interpretable CNN: templates, mask, filter loss (both rules, value and gradient), categories, model, checkpoints."""
 from __future__ import annotations
 
 import math
@@ -18,6 +18,7 @@ from models.icnn import (
     part_templates,
     template_tau,
 )
+from models.icnn_loss import released_code_class_weights, released_code_decay
 
 torch.set_num_threads(2)
 
@@ -282,6 +283,150 @@ def test_logistic_mode_assigns_every_filter_to_the_positive_class():
     assert torch.equal(layer.filter_categories(), torch.ones(5, dtype=torch.long))
 
 
+# ------------------------------------------------------------------------------------ released-code rule
+def _official_gradient(x, mask, labels, categories, epoch, lmag, w_pos, w_neg):
+    """The official conv_mask backward's injected gradient, written from its formulas with plain loops
+    (MATLAB order: flip = reverse the batch and channel axes)."""
+    b, c, h, w = x.shape
+    a = 0.5
+    grad = torch.zeros_like(x)
+    for d in range(c):
+        flipped = [float((x[i, d] * mask[b - 1 - i, c - 1 - d]).mean()) for i in range(b)]
+        a_log_z_pos = a * math.log(sum(math.exp(v / a) for v in flipped) / b)
+        a_log_z_neg = a * math.log(sum(math.exp(-float(x[i, d].mean()) / a) for i in range(b)) / b)
+        pos = [i for i in range(b) if labels[i] == categories[d]]
+        neg = [i for i in range(b) if labels[i] != categories[d]]
+        mag = epoch / lmag  # ones ./ (1 / iter) ./ l.mag
+        if pos:
+            s = {i: float((x[i, d] * mask[i, d]).mean()) for i in pos}
+            st = {i: math.exp(s[i] / a) * (s[i] - a_log_z_pos + a) for i in pos}
+            mean = sum(st.values()) / len(pos)
+            for i in pos:
+                grad[i, d] = -mask[i, d] * (st[i] / (mean * mag)) * (1e-5 * w_pos[categories[d]])
+        if neg:
+            s = {i: float(x[i, d].mean()) for i in neg}
+            st = {i: math.exp(-s[i] / a) * (-s[i] - a_log_z_neg + a) for i in neg}
+            mean = sum(st.values()) / len(neg)
+            for i in neg:
+                grad[i, d] = (st[i] / (mean * mag)) * (1e-5 * w_neg[categories[d]])
+    return grad
+
+
+@pytest.mark.parametrize("single, epoch", [(False, 1), (False, 3), (True, 2)])
+def test_released_rule_gradient_matches_the_official_formulas_by_hand(single, epoch):
+    torch.manual_seed(3)
+    num_classes = 2 if single else 3
+    layer = InterpretableLayer(4, num_classes, conv=False, variant="released_code", loss_rule="released_code",
+                               single_category=single).double()
+    layer.channel_beta.copy_(torch.tensor([2.0, 2.5, 1.5, 3.0]))
+    x = (torch.rand(5, 4, 4, 4, dtype=torch.float64) * 2).requires_grad_()
+    labels = torch.tensor([1, 0, 1, 1, 0]) if single else torch.tensor([0, 1, 2, 1, 0])
+    categories = [1, 1, 1, 1] if single else [0, 1, 2, 1]
+    if not single:
+        layer.fixed_categories.copy_(torch.tensor(categories))
+    maps = layer(x)
+    (grad,) = torch.autograd.grad(layer.filter_loss(maps, labels, epoch=epoch), x)
+    if single:  # logistic: weights 1, mag 0.1
+        lmag, w_pos, w_neg = 0.1, [1.0, 1.0], [1.0, 1.0]
+    else:  # softmax, <= 10 classes: mag 0.1 * 0.2; density 1 / 3 for every class
+        lmag, w_pos, w_neg = 0.02, [1.5] * 3, [0.75] * 3
+    expected = _official_gradient(x.detach(), maps.mask, labels.tolist(), categories, epoch, lmag, w_pos, w_neg)
+    torch.testing.assert_close(grad * 5, expected, rtol=1e-10, atol=1e-18)  # the loss is the batch mean
+    # the rule's own temperature (mean / 0.5, tau = 2 / n^2): the paper rule's tau does not enter it
+    other = InterpretableLayer(4, num_classes, conv=False, variant="released_code", loss_rule="released_code",
+                               single_category=single, tau="n").double()
+    other.load_state_dict(layer.state_dict())
+    (grad_other,) = torch.autograd.grad(other.filter_loss(other(x), labels, epoch=epoch), x)
+    torch.testing.assert_close(grad_other, grad)
+
+
+def test_released_temperature_is_four_times_the_default():
+    assert template_tau(8, 8, "code") == pytest.approx(2 / 64) == pytest.approx(4 * template_tau(8, 8))
+    # exp(mean_ij(x M) / 0.5) is exp(tau tr(x M)) with tau = 2 / n^2
+    x, m = torch.rand(8, 8), part_templates(8, 8)[27]
+    assert math.exp(float((x * m).mean()) / 0.5) == pytest.approx(math.exp(template_tau(8, 8, "code") * float((x * m).sum())))
+
+
+def test_released_class_weights_and_decay():
+    cats = torch.tensor([0, 2, 1])
+    w_pos, w_neg = released_code_class_weights(cats, 3, single_category=False, density=torch.tensor([0.5, 0.25, 0.25]))
+    torch.testing.assert_close(w_pos, torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64))
+    torch.testing.assert_close(w_neg, torch.tensor([1.0, 0.5 / 0.75, 0.5 / 0.75], dtype=torch.float64))
+    w_pos, w_neg = released_code_class_weights(torch.tensor([4]), 20, single_category=False)  # > 10: 1 / K
+    assert w_pos.item() == pytest.approx(10.0) and w_neg.item() == pytest.approx(0.5 / 0.95)
+    assert released_code_decay(1, 2, single_category=True) == pytest.approx(1 / 10)
+    assert released_code_decay(4, 10, single_category=False) == pytest.approx(0.02 / 4)
+    assert released_code_decay(2, 200, single_category=False) == pytest.approx(0.002 / 2)
+    with pytest.raises(ValueError, match="epoch"):
+        released_code_decay(0, 2, single_category=True)
+    with pytest.raises(ValueError, match="density"):
+        released_code_class_weights(cats, 3, single_category=False, density=torch.tensor([1.0, 0.0, 0.0]))
+
+
+def test_both_rules_move_each_map_along_its_template():
+    """Per (image, filter) both rules' gradients are multiples of T_hat; on part-like maps (a bump at
+    the filter's own place on its class, faint noise elsewhere) they point the same way (cosine 1)."""
+    torch.manual_seed(4)
+    b, c, n = 8, 4, 6
+    labels = torch.tensor([0, 1] * 4)
+    categories = torch.tensor([0, 1, 0, 1])
+    x = torch.rand(b, c, n, n, dtype=torch.float64) * 0.05
+    for i in range(b):
+        for d in range(c):
+            if labels[i] == categories[d]:
+                x[i, d, d + 1, d + (i % 2)] += 2.0
+                x[i, d, d + 1, d + 1 + (i % 2)] += 1.0
+    x.requires_grad_()
+    grads = {}
+    for rule in ("paper", "released_code"):
+        layer = InterpretableLayer(c, 2, conv=False, loss_rule=rule).double()
+        layer.fixed_categories.copy_(categories)
+        maps = layer(x)
+        layer.filter_loss(maps, labels)  # warm the paper rule's running Z
+        (grads[rule],) = torch.autograd.grad(layer.filter_loss(maps, labels), x)
+    t_hat = torch.where((labels[:, None] == categories[None, :])[..., None, None], maps.mask, torch.full_like(maps.mask, -1.0))
+    for g in grads.values():  # a multiple of T_hat: g = k T_hat with k = <g, T> / <T, T>
+        k = (g * t_hat).sum(dim=(2, 3)) / (t_hat * t_hat).sum(dim=(2, 3))
+        torch.testing.assert_close(g, k[..., None, None] * t_hat)
+    gp, gc = (grads[r].flatten(2) for r in ("paper", "released_code"))
+    cosine = F.cosine_similarity(gp, gc, dim=2)
+    nonzero = (gp.norm(dim=2) > 0) & (gc.norm(dim=2) > 0)
+    assert nonzero.float().mean() > 0.7
+    torch.testing.assert_close(cosine[nonzero], torch.ones_like(cosine[nonzero]))
+
+
+def test_model_passes_the_epoch_to_the_released_rule():
+    torch.manual_seed(0)
+    net = InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, variant="released_code", filter_loss="released_code")
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 1, 0])
+
+    class FakeTrainer:
+        current_epoch = 0
+
+    net._trainer = FakeTrainer()
+    net.eval()  # no statistics updated between the two calls
+    _, first = net.compute_losses(images, labels)
+    FakeTrainer.current_epoch = 3
+    _, fourth = net.compute_losses(images, labels)
+    torch.testing.assert_close(fourth["filter_loss"], first["filter_loss"] / 4)  # decay mag / epoch, epoch from 1
+
+
+def test_raw_feature_layer_is_the_pre_relu_conv_output():
+    from explain.filter_metrics import layer_activations
+
+    torch.manual_seed(0)
+    net = InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, variant="released_code")
+    images = torch.rand(3, 3, 32, 32)
+    raw = layer_activations(net, net.raw_feature_layer, images)
+    net.eval()
+    with torch.no_grad():
+        maps = net.layer_maps(images)[1][-1]
+    assert (raw < 0).any()
+    torch.testing.assert_close(F.relu(raw), maps.features)
+    with pytest.raises(ValueError, match="no conv"):
+        InterpretableCNN(num_classes=2, backbone="test_resnet", stage=2, num_layers=0).raw_feature_layer
+
+
 # ------------------------------------------------------------------------------------ model
 @pytest.fixture(scope="module")
 def model():
@@ -328,6 +473,7 @@ def test_logistic_mode_is_the_logistic_loss():
     "kwargs, words",
     [
         (dict(variant="matlab"), "variant"),
+        (dict(filter_loss="matlab"), "filter_loss"),
         (dict(tau="n3"), "tau"),
         (dict(mode="logistic"), "num_classes=2"),
         (dict(num_layers=0, mask_backbone=False), "interpretable layer"),
@@ -412,7 +558,7 @@ def test_filter_part_gallery_shows_the_top_images_of_each_filter():
 
 
 def test_configs_resolve_and_build():
-    """The CUB recipe resolves through the CLI parser; the synthetic recipe's model builds and trains."""
+    """The CUB recipe resolves through the CLI parser; each synthetic recipe's model builds and trains."""
     import os
     import subprocess
     import sys
@@ -426,14 +572,19 @@ def test_configs_resolve_and_build():
                               "--print_config"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert printed.returncode == 0, printed.stderr[-2000:]
     assert "backbone: vgg16" in printed.stdout and "head: fc" in printed.stdout
-    cfg = yaml.safe_load((root / "configs/icnn/synthetic.yaml").read_text())
-    assert cfg["model"]["class_path"] == "models.InterpretableCNN"
-    net = InterpretableCNN(**{**cfg["model"]["init_args"], "backbone": "test_resnet"})
-    net.train()
-    size = cfg["data"]["init_args"]["image_size"]
-    _, losses = net.compute_losses(torch.rand(4, 3, size, size), torch.tensor([0, 1, 2, 3]))
-    losses["loss"].backward()
-    assert net.layer_maps(torch.rand(1, 3, size, size))[1][-1].masked.shape[-1] == size // 8
+    rules = {}
+    for name in ("synthetic.yaml", "synthetic_released_code.yaml"):
+        cfg = yaml.safe_load((root / "configs/icnn" / name).read_text())
+        assert cfg["model"]["class_path"] == "models.InterpretableCNN"
+        net = InterpretableCNN(**{**cfg["model"]["init_args"], "backbone": "test_resnet"})
+        rules[name] = net.interpretable[-1].loss_rule
+        net.train()
+        size = cfg["data"]["init_args"]["image_size"]
+        _, losses = net.compute_losses(torch.rand(4, 3, size, size), torch.tensor([0, 1, 2, 3]))
+        losses["loss"].backward()
+        assert net.interpretable[-1].conv.weight.grad.abs().sum() > 0
+        assert net.layer_maps(torch.rand(1, 3, size, size))[1][-1].masked.shape[-1] == size // 8
+    assert rules == {"synthetic.yaml": "paper", "synthetic_released_code.yaml": "released_code"}
 
 
 def test_filter_loss_warmup_switches_lambda_on_after_the_warmup_epochs():
