@@ -71,6 +71,7 @@ from torch import Tensor, nn
 
 from .backbones import Backbone, ReceptiveField
 from .base import Explanation, InterpretableClassifier
+from .phases import EpochPlan
 from .icnn_loss import (
     argmax_mu,
     balanced_categories,
@@ -496,10 +497,15 @@ class InterpretableCNN(InterpretableClassifier):
         }
 
     # ------------------------------------------------------------------ training
+    def plan(self, epoch: int | None = None) -> EpochPlan:
+        """``"plain"`` (filter loss weight 0) for `filter_loss_warmup` epochs, then ``"filter_loss"``."""
+        epoch = self.current_epoch if epoch is None else epoch
+        return EpochPlan("plain" if epoch < self.filter_loss_warmup else "filter_loss", epoch)
+
     def compute_losses(self, images: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logits, maps = self.layer_maps(images)
         ce = F.cross_entropy(logits, labels)
-        active = self.current_epoch >= self.filter_loss_warmup
+        active = self.plan().phase == "filter_loss"
         if self.training:
             for layer, m in zip(self.interpretable, maps):
                 layer.update_statistics(m, labels)
@@ -516,7 +522,7 @@ class InterpretableCNN(InterpretableClassifier):
         # ModelCheckpoint(monitor="val/acc_interpretable") never selects a network trained without it.
         if self.trainer.sanity_checking:
             return
-        active = self.filter_loss_weight > 0 and self.current_epoch >= self.filter_loss_warmup
+        active = self.filter_loss_weight > 0 and self.plan().phase == "filter_loss"
         acc = self.val_metrics["acc"].compute() if active else torch.full((), -1.0, device=self.device)
         self.log("val/acc_interpretable", acc, sync_dist=False)  # compute() already syncs across ranks
 
