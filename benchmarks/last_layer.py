@@ -6,7 +6,7 @@ for all passes. Both paths here run the model's own training-step code (`ProtoPN
 then backward and Adam on the last layer) over the same pre-collated, shuffled batches in the same
 order, for the same number of passes, from the same weights; the resulting last layers must agree
 (asserted). Data loading and Lightning's per-step overhead are excluded from both.
-Target (issue 6, figure 3): >= 10x.
+Target: >= 10x.
 
     python benchmarks/last_layer.py                # ResNet-18, 500 images at 224 px, 200 classes, 20 passes
     python benchmarks/last_layer.py --quick        # 32 images at 48 px, 8 classes: a smoke run

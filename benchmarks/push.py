@@ -4,7 +4,7 @@ CUB-like scale: 2,000 prototypes (200 classes x 10), D = 128, 7 x 7 latent maps 
 random images with class-sorted labels (the official push loader is an unshuffled ImageFolder), batch 75.
 Both pushes must find the same prototypes (asserted). Reported for both, as medians of interleaved
 rounds: the whole push, one plain inference pass of the same network over the same images, and the
-search as push minus that pass (the issue's definition), twice:
+search as push minus that pass (the cost the push adds to a pass), twice:
 - raw: the difference of two ~20 s runs, which drift by more than the search itself;
 - net: the same difference with each run's own time in trunk + add-on taken out (clocked in the run):
   (push - its network time) - (pass - its network time). The network does the same work in both, so

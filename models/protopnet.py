@@ -2,7 +2,7 @@
 
 trunk -> add-on (1x1 convs ending in a sigmoid) -> squared L2 distance of every latent patch to P
 prototypes (P x D x 1 x 1) -> global min pooling -> similarity log((d + 1) / (d + 1e-4)) -> linear
-layer without bias. Facts and defaults: ``specs/protonets.md`` section 1.
+layer without bias (the official cfchen-duke/ProtoPNet settings).
 
 Training follows the official schedule with manual optimisation and three optimisers (warm, joint,
 last layer); the phase of every Lightning epoch is a pure function of the epoch

@@ -1,4 +1,4 @@
-"""ProtoPNet's cached last-layer phase (issue 6, figure 3).
+"""ProtoPNet's cached last-layer phase (measured by benchmarks/last_layer.py).
 
 In last-layer epochs the trunk, add-on and prototypes are frozen, so the min distances of each
 training image do not change: they are computed once (one pass over the un-augmented training

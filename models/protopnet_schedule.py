@@ -2,7 +2,7 @@
 
 Official epoch e trains warm (e < num_warm_epochs) or joint; a push epoch is followed by its
 last-layer passes, each a Lightning epoch of its own. `check_schedule` rejects impossible schedules
-with a one-line error before anything trains. Facts: ``specs/protonets.md`` section 1.3.
+with a one-line error before anything trains (the official main.py loop).
 """
 from __future__ import annotations
 

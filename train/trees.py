@@ -1,6 +1,6 @@
 """ProtoTree's post-training pipeline as a callback: prune, project, evaluate the routing modes, draw.
 
-Spec: ``specs/protonets.md`` section 2.5. Declared in a config's ``trainer.callbacks`` list::
+Nauta et al. (CVPR 2021), section 3.3 and the official prune and project scripts. Declared in a config's ``trainer.callbacks`` list::
 
     - class_path: train.trees.ProtoTreePipeline
       init_args: {pruning_threshold: 0.01}
