@@ -302,10 +302,13 @@ class ProtoTree(PrototypeModel):
             self.leaves_epoch_start.copy_(self.leaves)
             self.leaves_epoch.fill_(self.current_epoch)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # Runs after the optimiser step, with pi and y_hat of the pre-step forward, as in the official loop.
+    def on_after_backward(self) -> None:
+        # pi and y_hat of this batch's forward, as in the official loop (which updates after the optimiser
+        # step; the step does not read the leaf counts, so the result is the same). Here, before the
+        # batch-end hooks, so that a checkpoint written at the batch's end (ModelCheckpoint's
+        # every_n_train_steps) holds the updated leaves. A skipped non-finite batch has no backward.
         pending, self._pending_update = self._pending_update, None
-        if pending is None or outputs is None:  # None: the base class skipped a non-finite batch
+        if pending is None:
             return
         num_batches = self.trainer.num_training_batches
         if not isinstance(num_batches, int) or num_batches < 1:

@@ -24,11 +24,12 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import lightning.pytorch as pl
     import torch
-    from models import CAMNet
+    from models import CAMNet, create_model
     from train.data import SyntheticParts
+    from train.phases import Phases
     from train.resume import AtomicCheckpointIO
 
-    mode, outs, kill_step = sys.argv[1], [Path(f) for f in sys.argv[2].split(",")], int(sys.argv[3])
+    mode, outs, kill_step, family = sys.argv[1], [Path(f) for f in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
 
     class Kill(pl.Callback):  # SIGKILL: no clean-up, no exception handlers, like a lost machine
         def on_train_batch_start(self, trainer, *args):
@@ -39,12 +40,16 @@ SCRIPT = textwrap.dedent(
 
     def fit(folder, kill, ckpt_path):
         pl.seed_everything(0)
-        model = CAMNet(num_classes=3, backbone="test_resnet", dropout=0.3, lr=1e-2, scheduler="step", step_size=1, gamma=0.5)
+        if family == "cam":
+            model = CAMNet(num_classes=3, backbone="test_resnet", dropout=0.3, lr=1e-2, scheduler="step", step_size=1, gamma=0.5)
+        else:  # a tree with derivative-free leaves, its trunk frozen in epoch 0 (phase warm), then joint
+            model = create_model("prototree_test_resnet", num_classes=3, depth=2, freeze_epochs=1, lr_net=1e-2,
+                                 milestones=[1, 2])
         data = SyntheticParts(num_classes=3, image_size=32, train_size=40, val_size=12, test_size=12, batch_size=8)
         checkpoint = pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
         trainer = pl.Trainer(max_epochs=3, logger=False, deterministic=True, enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=folder, plugins=[AtomicCheckpointIO()],
-                             callbacks=[checkpoint] + ([Kill()] if kill else []))
+                             callbacks=[checkpoint, Phases(figures=False, final_checkpoint=False)] + ([Kill()] if kill else []))
         trainer.fit(model, data, ckpt_path=ckpt_path)
         torch.save({"state": model.state_dict(), "val_acc": trainer.callback_metrics["val/acc"]}, folder / "final.pt")
 
@@ -58,31 +63,33 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _start(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT) -> subprocess.Popen:
+def _start(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT, family: str = "cam") -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-    return subprocess.Popen([sys.executable, "-c", script, mode, ",".join(map(str, outs)), str(kill_step)], env=env,
+    return subprocess.Popen([sys.executable, "-c", script, mode, ",".join(map(str, outs)), str(kill_step), family], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _run(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT) -> tuple[int, str]:
+def _run(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT, family: str = "cam") -> tuple[int, str]:
     """Return code and the end of stderr."""
-    process = _start(mode, *outs, kill_step=kill_step, script=script)
+    process = _start(mode, *outs, kill_step=kill_step, script=script, family=family)
     _, err = process.communicate(timeout=600)
     return process.returncode, err[-3000:]
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("family", ["cam", "prototree"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, family):
     # 5 batches per epoch. Killed after 2 batches of epoch 1 (step 7), and at the epoch boundary
     # (step 5: `last` was saved after the last batch of epoch 0, before its validation; Lightning
-    # resumes it straight into epoch 1, whose batches must all be trained).
+    # resumes it straight into epoch 1, whose batches must all be trained). The tree changes phase
+    # there (its trunk unfreezes) and its leaf update subtracts the counts of the epoch's start.
     runs = {7: tmp_path / "mid_epoch", 5: tmp_path / "epoch_boundary"}
-    killers = {step: _start("kill", folder, kill_step=step) for step, folder in runs.items()}  # in parallel
+    killers = {step: _start("kill", folder, kill_step=step, family=family) for step, folder in runs.items()}
     for step, folder in runs.items():
         _, err = killers[step].communicate(timeout=600)
         assert killers[step].returncode == -9, err[-3000:]  # really killed
         assert not (folder / "final.pt").exists()
         assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == step
-    code, err = _run("resume", *runs.values())
+    code, err = _run("resume", *runs.values(), family=family)
     assert code == 0, err
     expected = torch.load(tmp_path / "reference" / "final.pt", weights_only=True)
     for step, folder in runs.items():
