@@ -478,3 +478,7 @@ def write_report(d: Dissection, out_dir: str | Path, title: str | None = None, m
     path = out / "report.html"
     path.write_text("\n".join(parts))
     return path
+
+
+if __name__ == "__main__":  # the command line is train.dissect
+    raise SystemExit("error: the command line is python -m train.dissect")

@@ -127,3 +127,7 @@ def write_report(sections: Sequence[str], out: str | Path, title: str = "interpr
     path = out / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+if __name__ == "__main__":  # the command line is train.report
+    raise SystemExit("error: the command line is python -m train.report")

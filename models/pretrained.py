@@ -128,7 +128,10 @@ def _import_model_class(class_path: str) -> type:
     module_name, _, cls_name = class_path.rpartition(".")
     if not (module_name == "models" or module_name.startswith("models.")):
         raise CheckpointError(f"refusing class {class_path!r}: only classes of the 'models' package can be built")
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name, None)
+    except ImportError:
+        raise CheckpointError(f"{class_path!r} is not a model class of the zoo: no module {module_name!r}") from None
     if not (isinstance(cls, type) and issubclass(cls, InterpretableClassifier)):
         raise CheckpointError(f"{class_path!r} is not a model class of the zoo")
     return cls

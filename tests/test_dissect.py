@@ -311,6 +311,21 @@ def test_command_line_reads_the_data_recipe_next_to_a_checkpoint(tmp_path):
     assert "5 images;" in (tmp_path / "out" / "cam_best" / "report.html").read_text()
 
 
+def test_command_line_takes_a_released_name_and_its_recorded_recipe(tmp_path, monkeypatch):
+    from models import create_model, pretrained
+    from models.pretrained import PretrainedEntry, save_zoo_checkpoint, sha256_of
+
+    file = save_zoo_checkpoint(create_model("cam_test_resnet", num_classes=3), tmp_path / "cam.pt")
+    entry = PretrainedEntry(name="cam_tiny.synth", class_path="models.CAMNet", dataset="-", config="-")
+    monkeypatch.setitem(pretrained._ENTRIES, "cam_tiny.synth", entry)
+    data = {"class_path": "train.data.SyntheticParts",
+            "init_args": {"num_classes": 3, "image_size": 32, "train_size": 4, "val_size": 4, "test_size": 7}}
+    monkeypatch.setattr(pretrained, "_manifest", lambda: {"cam_tiny.synth": {"file": str(file), "sha256": sha256_of(file), "data": data}})
+    rows = main(["--model", "cam_tiny.synth", "--out", str(tmp_path / "out"), "--top-k", "1", "--device", "cpu"])
+    assert rows[0]["model"] == "cam_tiny.synth" and rows[0]["layer"] == "backbone"
+    assert "7 images;" in (tmp_path / "out" / "cam_tiny.synth" / "report.html").read_text()  # the release's test_size
+
+
 def test_default_layer():
     from models import create_model
 

@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from models.base import InterpretableClassifier
 from models.pretrained import CheckpointError
+from models.pretrained import _import_model_class as import_model_class
 from models.pretrained import _load_state as load_state
 from models.pretrained import _read as read_checkpoint
 
@@ -88,6 +89,17 @@ class ZooCLI(LightningCLI):
         if not any(isinstance(c, Phases) for c in trainer.callbacks):
             trainer.callbacks.append(Phases())
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI imports the ``_class_path`` that a ``--ckpt_path`` file's hyper-parameters name;
+        a file naming anything but a zoo model class is refused first, so it cannot import other modules."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            class_path = (read_checkpoint(Path(path)).get("hyper_parameters") or {}).get("_class_path")
+            if class_path is not None:
+                import_model_class(str(class_path))
+        super()._parse_ckpt_path()
 
     def _check_ckpt_path(self) -> None:
         """Fail in one line (`CheckpointError`) on a ``--ckpt_path`` file that is unreadable, not

@@ -62,7 +62,8 @@ def _synthetic_init(args: argparse.Namespace, spec: str) -> dict[str, Any]:
     return init
 
 
-def _load_model(spec: str, args: argparse.Namespace) -> nn.Module:
+def _model(spec: str, args: argparse.Namespace) -> nn.Module:
+    """`arch:<name>` builds a registry model with random weights; any other source goes to `load_pretrained`."""
     if spec.startswith("arch:"):  # an untrained registry model: the random-weights baseline
         kwargs = _json_object(args.model_args, "--model-args")
         kwargs.setdefault("num_classes", _synthetic_init(args, spec).get("num_classes", 10))
@@ -130,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for spec in specs + released:
         try:
-            model = _load_model(spec, args).to(device)
+            model = _model(spec, args).to(device)
         except CheckpointError as exc:  # a release without a local file is skipped; a named source fails
             if spec not in released or spec in specs:
                 raise

@@ -18,6 +18,8 @@ from typing import Any, Callable, NoReturn, Sequence
 
 __all__ = ["USER_ERRORS", "debug", "one_line", "run_main"]
 
+MAX_CHARS = 400  # torch's weights-only refusal alone is a page of advice
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, pickle.UnpicklingError, argparse.ArgumentError)
 
 # jsonargparse's report of a failed Union lists every subtype it tried and the parsed namespace; these
@@ -32,11 +34,14 @@ def debug() -> bool:
 
 
 def one_line(error: BaseException) -> str:
-    """The message of `error` on one line (a multi-line message is joined, jsonargparse's noise dropped)."""
+    """The message of `error` on one line: lines joined, jsonargparse's noise dropped, cut at `MAX_CHARS`."""
     lines = [line.strip() for line in str(error).splitlines()]
-    kept = [line.removeprefix("- ") for line in lines if line and not line.startswith(_NOISE)]
-    joined = "".join(line + (" " if line.endswith(":") else "; ") for line in kept)
-    return joined.removesuffix("; ") or type(error).__name__
+    kept = [line.removeprefix("- ") for line in lines if line and not line.startswith(_NOISE)
+            and not (line.startswith("Given value:") and len(line) > 80)]  # a whole parsed structure
+    joined = "".join(line + (" " if line.endswith(":") else "; ") for line in kept).removesuffix("; ").rstrip()
+    if len(joined) > MAX_CHARS:
+        joined = joined[:MAX_CHARS - 3] + "..."
+    return joined or type(error).__name__
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> NoReturn:
