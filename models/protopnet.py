@@ -67,7 +67,9 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         prototypes_per_class: prototypes of each class (P = K x this, ordered by class).
         prototype_dim: D.
         add_on: ``"regular"`` (the official settings) or ``"bottleneck"``.
-        similarity: ``"log"`` (log((d + 1) / (d + 1e-4))) or ``"linear"`` (-d).
+        similarity: ``"log"`` (log((d + 1) / (d + 1e-4))) or ``"linear"`` (-d). Deviation: the official
+            main.py skips the last-layer passes after a push when the similarity is linear; here the schedule
+            is the same for both (set last_layer_epochs to 1 and a zero last_layer_lr to skip them).
         cross_entropy_weight, cluster_weight, separation_weight, l1_weight: loss coefficients
             (1, 0.8, -0.08, 1e-4).
         num_warm_epochs, push_start, push_every, last_layer_epochs, num_train_epochs: the schedule
