@@ -221,25 +221,26 @@ def _constructor(class_path: Any, source: Any) -> Callable[..., nn.Module]:
                           f"nor a registered builder (see models.list_models())")
 
 
-_HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # names with which timm would fetch a model
+_HUB_PREFIXES = ("hf-hub:", "hf_hub:", "local-dir:")  # model names with which timm would fetch files
+_FETCHING_KEYS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
 
 
 def _checked_init_args(init_args: Any, source: Any) -> dict[str, Any]:
-    """Constructor arguments from a file: plain keywords, no hub names; trunk weights come from the file."""
+    """Constructor arguments from a file: plain keywords that fetch nothing (no hub names, no timm
+    weight or checkpoint arguments at any depth); trunk weights come from the file's state dict."""
     if not isinstance(init_args, dict) or not all(isinstance(k, str) for k in init_args):
         raise CheckpointError(f"{source}: init_args must be a dict of keyword arguments, got {_short(init_args)}")
 
-    def strings(value: Any) -> list[str]:
-        if isinstance(value, str):
-            return [value]
-        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
-        return [s for item in items for s in strings(item)]
+    def check(key: str, value: Any) -> None:
+        if key in _FETCHING_KEYS or (isinstance(value, str) and value.startswith(_HUB_PREFIXES)):
+            raise CheckpointError(f"{source}: refusing init argument {key}={_short(value)}: it would fetch weights")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+        for k, v in items:
+            check(k if isinstance(k, str) else key, v)
 
     args = {k: v for k, v in init_args.items() if not k.startswith("_")}
     for key, value in args.items():
-        hub = [s for s in strings(value) if s.startswith(_HUB_PREFIXES)]
-        if hub:
-            raise CheckpointError(f"{source}: refusing init argument {key}={_short(hub[0])}: a hub name would download")
+        check(key, value)
     if "pretrained_backbone" in args:
         args["pretrained_backbone"] = False  # the state dict replaces them: no download, no second file read
     return args

@@ -185,7 +185,14 @@ def test_hub_names_are_refused_and_trunk_weights_come_from_the_file(tiny, tmp_pa
     payload = torch.load(path, weights_only=True)
     hub = dict(payload, init_args=dict(payload["init_args"], backbone="hf-hub:timm/resnet18.a1_in1k"))
     torch.save(hub, tmp_path / "hub.pt")
-    _refused(tmp_path / "hub.pt", match="refusing init argument backbone='hf-hub:timm")
+    _refused(tmp_path / "hub.pt", match="refusing init argument backbone='hf-hub:timm.*would fetch weights")
+    # timm arguments that read another file, even nested in a plain classifier's model_args.
+    plain = _zoo("models.PlainClassifier", {"num_classes": 3, "model_args": {"checkpoint_path": str(path)}})
+    torch.save(plain, tmp_path / "second_file.pt")
+    _refused(tmp_path / "second_file.pt", match="refusing init argument checkpoint_path=")
+    overlay = _zoo("models.PlainClassifier", {"num_classes": 3, "model_args": {"pretrained_cfg_overlay": {"file": "x"}}})
+    torch.save(overlay, tmp_path / "overlay.pt")
+    _refused(tmp_path / "overlay.pt", match="refusing init argument pretrained_cfg_overlay=")
     # A recorded trunk-weights path is not read (the state dict replaces those weights anyway).
     elsewhere = dict(payload, init_args=dict(payload["init_args"], pretrained_backbone=str(tmp_path / "absent.pt")))
     torch.save(elsewhere, tmp_path / "elsewhere.pt")
