@@ -1,17 +1,22 @@
-"""interpretable-zoo models: create_model, list_models and the model classes."""
+"""interpretable-zoo models: create_model, list_models, load_pretrained and the model classes."""
 from .backbones import Backbone, ReceptiveField, UnknownBackboneError
 from .base import Explanation, InterpretableClassifier, NonFiniteLossError
 from .cam import CAMNet
 from .plain import PlainClassifier
-from .pretrained import CheckpointError, list_pretrained, load_pretrained, save_zoo_checkpoint
+from .pretrained import (CheckpointError, list_pretrained, load_pretrained, pretrained_entry, read_checkpoint,
+                         save_zoo_checkpoint)
 from .registry import create_model, is_model, list_models, register_model
 from .prototree import ProtoTree, ProtoTreeEnsemble
+from .icnn import InterpretableCNN, InterpretableLayer
+from .protopnet import ProtoPNet, ProtoPNetEnsemble
 
 __all__ = [
     "Backbone",
     "CheckpointError",
     "list_pretrained",
     "load_pretrained",
+    "pretrained_entry",
+    "read_checkpoint",
     "save_zoo_checkpoint",
     "CAMNet",
     "PlainClassifier",
@@ -24,9 +29,10 @@ __all__ = [
     "is_model",
     "list_models",
     "register_model",
+    "ProtoTree",
+    "ProtoTreeEnsemble",
+    "InterpretableCNN",
+    "InterpretableLayer",
+    "ProtoPNet",
+    "ProtoPNetEnsemble",
 ]
-__all__ += ["ProtoTree", "ProtoTreeEnsemble"]
-from .icnn import InterpretableCNN, InterpretableLayer  # noqa: E402
-__all__ += ["InterpretableCNN", "InterpretableLayer"]
-from .protopnet import ProtoPNet, ProtoPNetEnsemble  # noqa: E402
-__all__ += ["ProtoPNet", "ProtoPNetEnsemble"]

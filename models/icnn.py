@@ -570,9 +570,9 @@ class InterpretableCNN(InterpretableClassifier):
 
 
 # ----------------------------------------------------------------------------------------- builders
-def _icnn(backbone: str, stage: int | None, **kwargs) -> InterpretableCNN:
+def _icnn(backbone: str, default_stage: int | None, **kwargs) -> InterpretableCNN:
     kwargs.setdefault("num_classes", 1000)
-    kwargs.setdefault("stage", stage)
+    kwargs.setdefault("stage", default_stage)
     return InterpretableCNN(backbone=backbone, **kwargs)
 
 

@@ -56,6 +56,13 @@ def plain_resnet18(**kwargs) -> PlainClassifier:
     return PlainClassifier(architecture="resnet18", **kwargs)
 
 
+@register_model
+def plain_resnet18_half(**kwargs) -> PlainClassifier:
+    """ResNet-18 at half width (channels 32, 64, 128, 256; 2.8M parameters at 10 classes)."""
+    kwargs.setdefault("model_args", {"channels": [32, 64, 128, 256]})
+    return plain_resnet18(**kwargs)
+
+
 register_pretrained(PretrainedEntry(
     name="plain_resnet18_half.synthparts", class_path="models.plain.PlainClassifier",
     dataset="SyntheticParts (10 classes, 64 px)", config="configs/plain/synthetic.yaml",

@@ -590,6 +590,12 @@ def prototree_resnet18(**kwargs) -> ProtoTree:
 
 
 @register_model
+def prototree_resnet10t(**kwargs) -> ProtoTree:
+    """timm's ResNet-10-T trunk cut after layer3 (256 channels, stride 16), depth 5, D 64: a CPU-sized tree."""
+    return _prototree("resnet10t", **{"stage": 3, "depth": 5, "num_features": 64, **kwargs})
+
+
+@register_model
 def prototree_test_resnet(**kwargs) -> ProtoTree:
     """timm's tiny `test_resnet` trunk, depth 3, D 16: for tests and quick CPU experiments."""
     kwargs.setdefault("depth", 3)

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "is_model"]
+__all__ = ["register_model", "create_model", "list_models", "is_model", "builder_of"]
 
 _MODEL_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -29,10 +29,30 @@ def is_model(name: str) -> bool:
     return name in _MODEL_BUILDERS
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model; keyword arguments override the builder's defaults."""
+def builder_of(name: str) -> Callable[..., nn.Module]:
+    """The registered builder function itself (keyword arguments only, no `pretrained`)."""
     if name not in _MODEL_BUILDERS:
         close = fnmatch.filter(_MODEL_BUILDERS, f"*{name.split('_')[0]}*")
         hint = f"; similar: {', '.join(sorted(close)[:8])}" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} (see models.list_models())")
-    return _MODEL_BUILDERS[name](**kwargs)
+    return _MODEL_BUILDERS[name]
+
+
+def create_model(name: str, pretrained: bool | str = False, **kwargs) -> nn.Module:
+    """Build a registered model; keyword arguments override the builder's defaults.
+
+    `pretrained` loads a released checkpoint of this builder, timm style: a tag (``"synthparts"`` loads
+    ``<name>.synthparts``) or True for the builder's default tag, the first one declared. The model is
+    then the released one in eval mode (`models.load_pretrained`), with `kwargs` replacing its recorded
+    constructor arguments; ones that change the architecture fail with a `CheckpointError`.
+    """
+    build = builder_of(name)
+    if not pretrained:
+        return build(**kwargs)
+    from .pretrained import CheckpointError, load_pretrained, pretrained_tags
+
+    tags = pretrained_tags(name)
+    tag = (tags[0] if tags else "<default>") if pretrained is True else str(pretrained)
+    if tag not in tags:
+        raise CheckpointError(f"no released checkpoint {name}.{tag}; released tags of {name}: {', '.join(tags) or 'none'}")
+    return load_pretrained(f"{name}.{tag}", overrides=kwargs)

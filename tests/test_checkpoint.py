@@ -1,10 +1,12 @@
-"""Save, load, same logits: Lightning checkpoints of the zoo load without the CLI and weights-only."""
+"""Save, load, same logits: Lightning checkpoints of the zoo load without the CLI and weights-only;
+the release step takes the checkpoint the whole pipeline ends with."""
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import CAMNet, NonFiniteLossError
+from checkpoints.build import builder_overrides, released_checkpoint
+from models import CAMNet, CheckpointError, NonFiniteLossError, create_model, load_pretrained
 from train.resume import AtomicCheckpointIO
 
 
@@ -31,15 +33,56 @@ def test_checkpoint_round_trip_same_logits(tmp_path):
     assert torch.equal(loaded(x), expected)
     raw = torch.load(path, map_location="cpu", weights_only=True)
     assert set(raw["state_dict"]) == set(model.state_dict())
+    # The one loader reads the class from zoo_class_path, or from LightningCLI's hyper_parameters._class_path.
+    assert raw["zoo_class_path"] == "models.cam.CAMNet"
+    assert torch.equal(load_pretrained(path)(x), expected)
+    cli_style = {k: v for k, v in raw.items() if k != "zoo_class_path"}
+    cli_style["hyper_parameters"] = dict(raw["hyper_parameters"], _class_path="models.CAMNet",
+                                         _instantiator="lightning.pytorch.cli.instantiate_module")
+    torch.save(cli_style, tmp_path / "cli.ckpt")
+    loaded = load_pretrained(tmp_path / "cli.ckpt")
+    assert loaded.hparams.extra_conv == 8 and torch.equal(loaded(x), expected)
 
 
 def test_wrong_architecture_checkpoint_names_the_keys(tmp_path):
     small = CAMNet(num_classes=3, backbone="test_resnet")
-    path = tmp_path / "small.pt"
-    torch.save(small.state_dict(), path)
-    other = CAMNet(num_classes=5, backbone="test_resnet")
-    with pytest.raises(RuntimeError, match="classifier.weight"):
-        other.load_state_dict(torch.load(path, weights_only=True))
+    path = tmp_path / "small.ckpt"
+    torch.save({"state_dict": small.state_dict(), "hyper_parameters": dict(small.hparams, num_classes=5),
+                "zoo_class_path": "models.cam.CAMNet"}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_pretrained(path)
+    message = str(info.value)
+    assert "\n" not in message and f"checkpoint {path} does not fit CAMNet: " in message
+    width = small.state_dict()["classifier.weight"].shape[1]  # weight and bias of the head differ
+    assert (f"classifier.weight has shape (3, {width}) in the file, (5, {width}) in the model "
+            f"(2 keys differ in shape)") in message
+
+
+def _run_folder(tmp_path, *names):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in names:
+        (folder / name).write_bytes(b"")
+    return tmp_path / "run"
+
+
+def test_release_takes_final_then_last_never_best(tmp_path):
+    run = _run_folder(tmp_path / "a", "best-epoch=3-acc=0.99.ckpt", "last.ckpt", "final.ckpt", "epoch=9.ckpt")
+    assert released_checkpoint(run) == run / "checkpoints" / "final.ckpt"
+    run = _run_folder(tmp_path / "b", "best-epoch=3-acc=0.99.ckpt", "best.ckpt", "last.ckpt")
+    assert released_checkpoint(run) == run / "checkpoints" / "last.ckpt"
+    run = _run_folder(tmp_path / "c", "best-epoch=3-acc=0.99.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"neither final.ckpt nor last.ckpt \(found: best-epoch=3-acc=0.99.ckpt\)"):
+        released_checkpoint(run)
+
+
+def test_builder_overrides_rebuild_the_model():
+    model = create_model("cam_test_resnet", num_classes=7, lr=0.5, extra_conv=8)
+    init_args = dict(model.hparams, mean=list(model.hparams.mean))  # a list, as a file read back holds it
+    overrides = builder_overrides("cam_test_resnet", init_args)
+    assert overrides == {"num_classes": 7, "lr": 0.5, "extra_conv": 8}
+    again = create_model("cam_test_resnet", **overrides)
+    assert dict(again.hparams) == dict(model.hparams)
 
 
 def test_nan_loss_stops_with_the_term_and_step(tmp_path):

@@ -1,0 +1,1 @@
+"""The training recipes, ``configs/<family>/<recipe>.yaml``, as package data."""
