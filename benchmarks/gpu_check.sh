@@ -71,9 +71,14 @@ if torch.cuda.is_available():
     print(f"- GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible")
 else:
     print("- GPU: none visible (torch.cuda.is_available() is False)")
+def have(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except Exception:  # a broken install counts as missing
+        return False
 names = ["captum", "numba", "scipy", "sklearn", "matplotlib", "lightning", "torchmetrics", "timm", "pytest", "hypothesis", "wandb"]
-print("- installed: " + ", ".join(n for n in names if importlib.util.find_spec(n)))
-print("- missing: " + (", ".join(n for n in names if not importlib.util.find_spec(n)) or "none"))
+print("- installed: " + ", ".join(n for n in names if have(n)))
+print("- missing: " + (", ".join(n for n in names if not have(n)) or "none"))
 EOF
 )"
 ENV_RC=$?
@@ -81,7 +86,7 @@ echo "$ENV_INFO" | tee -a "$LOG"
 COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 READY=1
 if [ "$ENV_RC" -ne 0 ]; then
-    row environment FAIL 0 "$PY cannot import torch"; FAILED=1; READY=0
+    row environment FAIL 0 "the environment probe failed under $PY (is torch installed? see the log)"; FAILED=1; READY=0
 elif [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     row environment FAIL 0 "--device cuda but CUDA is not available"; FAILED=1; READY=0
 fi
@@ -118,7 +123,7 @@ if [ "$READY" -eq 1 ]; then
         else
             row "$script" FAIL "$STEP_SECONDS" "exit $STEP_RC: $(tail -1 "$STEP_OUT" | tr '|' '/' | cut -c1-160)"; FAILED=1
         fi
-        TABLES+=$'\n'"### benchmarks/$script --quick --device $DEVICE"$'\n\n```\n'"$(grep -v -E "^\[rank|UserWarning|warnings.warn|^ *$" "$STEP_OUT" | tail -40)"$'\n```\n'
+        TABLES+=$'\n'"### benchmarks/$script --quick --device $DEVICE"$'\n\n```\n'"$(grep -v -E "^\[rank|Warning|warnings.warn|^ *$|^(GPU|TPU) available|Tip: |LeafSpec|Trainer.fit. stopped" "$STEP_OUT" | tail -40)"$'\n```\n'
         rm -f "$STEP_OUT"
     done
 fi
