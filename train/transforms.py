@@ -134,12 +134,18 @@ class _Warp(v2.Transform):
         super().__init__()
         self.fill = fill
 
-    def output_to_input(self, width: int, height: int) -> list[float]:
+    def draw(self) -> dict[str, Any]:
+        """The random parameters of one application."""
+        raise NotImplementedError
+
+    @staticmethod
+    def coefficients(width: int, height: int, **params: Any) -> list[float]:
+        """Output pixel -> input point (PIL's 8 perspective coefficients) for drawn ``params``."""
         raise NotImplementedError
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = query_size(flat_inputs)
-        return {"coefficients": self.output_to_input(width, height)}
+        return {"coefficients": self.coefficients(width, height, **self.draw())}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         fill = 0 if isinstance(inpt, tv_tensors.Mask) else self.fill
@@ -164,13 +170,18 @@ class AugmentorRotate(_Warp):
         super().__init__(fill)
         self.max_degrees = int(max_degrees)
 
-    def output_to_input(self, width: int, height: int) -> list[float]:
+    def draw(self) -> dict[str, Any]:
         m = self.max_degrees
-        angle = _randint(-m, 0) if _randint(0, 1) == 0 else _randint(0, m)
+        return {"angle": _randint(-m, 0) if _randint(0, 1) == 0 else _randint(0, m)}
+
+    @staticmethod
+    def coefficients(width: int, height: int, angle: float = 0.0) -> list[float]:
         theta = math.radians(angle)
         cos, sin = math.cos(theta), math.sin(theta)
-        big_x = width * abs(cos) + height * abs(sin)  # expanded canvas
-        big_y = width * abs(sin) + height * abs(cos)
+        # The expanded canvas as PIL sizes it: whole pixels around the rotated corners.
+        half_x, half_y = (width * abs(cos) + height * abs(sin)) / 2, (width * abs(sin) + height * abs(cos)) / 2
+        big_x = math.ceil(round(width / 2 + half_x, 9)) - math.floor(round(width / 2 - half_x, 9))
+        big_y = math.ceil(round(height / 2 + half_y, 9)) - math.floor(round(height / 2 - half_y, 9))
         t = math.tan(abs(theta))
         e = t * (big_y - big_x * t) - t * t  # Augmentor's formula for the crop margins
         a = t * (big_x - e)
@@ -195,12 +206,14 @@ class AugmentorShear(_Warp):
         super().__init__(fill)
         self.max_degrees = int(max_degrees)
 
-    def output_to_input(self, width: int, height: int) -> list[float]:
+    def draw(self) -> dict[str, Any]:
         m = self.max_degrees
         angle = int(torch.empty(()).uniform_(-m - 1, m + 1))
-        angle = angle if angle == -1 else angle + 1
+        return {"angle": angle if angle == -1 else angle + 1, "along_x": _randint(0, 1) == 0}
+
+    @staticmethod
+    def coefficients(width: int, height: int, angle: float = 1.0, along_x: bool = True) -> list[float]:
         phi = math.tan(math.radians(angle))
-        along_x = _randint(0, 1) == 0
         if along_x:  # rows slide sideways: x_in = shift + u (w - shift) / w + phi v - offset
             shift = phi * height
             shift = math.ceil(shift) if shift > 0 else math.floor(shift)
@@ -231,13 +244,20 @@ class AugmentorSkew(_Warp):
         super().__init__(fill)
         self.magnitude = float(magnitude)
 
-    def output_to_input(self, width: int, height: int) -> list[float]:
-        amount = _randint(1, math.ceil(max(width, height) * self.magnitude))
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = query_size(flat_inputs)  # the amount is relative to the image size
+        return {"coefficients": self.coefficients(width, height, **self.draw(max(width, height)))}
+
+    def draw(self, side: int = 224) -> dict[str, Any]:
         kind = _randint(0, 3)  # TILT, TILT_LEFT_RIGHT, TILT_TOP_BOTTOM, CORNER
         if kind == 3:
             moves = _CORNER_SKEWS[_randint(0, 7)]
         else:
             moves = _TILTS[_randint(*((0, 3), (0, 1), (2, 3))[kind])]
+        return {"amount": _randint(1, math.ceil(side * self.magnitude)), "moves": moves}
+
+    @staticmethod
+    def coefficients(width: int, height: int, amount: int = 1, moves: tuple = ((0, 0),)) -> list[float]:
         original = [[0.0, 0.0], [float(width), 0.0], [float(width), float(height)], [0.0, float(height)]]
         moved = [list(p) for p in original]
         for corner, axis in moves:
