@@ -12,11 +12,50 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Backbone", "ReceptiveField", "receptive_field_of_layers", "UnknownBackboneError"]
+__all__ = ["Backbone", "PretrainedWeightsError", "ReceptiveField", "receptive_field_of_layers", "UnknownBackboneError"]
+
+# The papers' trunks are torchvision's ImageNet weights (ProtoPNet, ProtoTree on Cars): timm serves those
+# under the `.tv_in1k` tag (e.g. `resnet34.tv_in1k`); its untagged names are other recipes (`resnet34.a1_in1k`).
+PRETRAINED_FLAG = "--model.init_args.pretrained_backbone /path/to/weights.pth"
 
 
 class UnknownBackboneError(ValueError):
     """Raised when neither timm nor torchvision knows a backbone name."""
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights were asked for but cannot be fetched (no network, no cache)."""
+
+
+def _fetch_failed(name: str, exc: BaseException) -> PretrainedWeightsError:
+    reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+    return PretrainedWeightsError(
+        f"cannot fetch the pretrained weights of backbone {name!r} ({type(exc).__name__}: {reason}); "
+        f"download them where there is network and pass the file with {PRETRAINED_FLAG}")
+
+
+def _bbn_inat_to_resnet(state: dict) -> dict:
+    """BBN's iNaturalist-2017 ResNet-50 (``BBN.iNaturalist2017.res50.180epoch.best_model.pth``, used by
+    ProtoTree) in torchvision/timm key names: its conventional-learning block ``cb_block`` becomes
+    ``layer4.2``, the re-balancing block ``rb_block`` and the classifier are dropped (as ProtoTree does)."""
+    out = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        if not key.startswith("backbone.") or key.startswith("backbone.rb_block"):
+            continue
+        out[key.removeprefix("backbone.").replace("cb_block", "layer4.2", 1)] = value
+    return out
+
+
+def _weights_file(path: str | Path) -> dict:
+    """A local state dict (or a checkpoint holding one under "state_dict"), BBN's layout converted."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"backbone weights file not found: {path} (give an existing file with {PRETRAINED_FLAG})")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if any(k.removeprefix("module.").startswith("backbone.cb_block") for k in state):
+        state = _bbn_inat_to_resnet(state)
+    return state
 
 
 @dataclass(frozen=True)
@@ -95,10 +134,12 @@ def _torchvision_trunk(name: str, stage: int | None, pretrained: bool | str | Pa
         net = torchvision.models.get_model(name, weights="DEFAULT" if pretrained is True else None)
     except ValueError as e:
         raise UnknownBackboneError(f"torchvision has no model {name!r}: {e}") from None
+    except OSError as e:  # URLError, connection and hash errors of the download
+        raise _fetch_failed(f"torchvision/{name}", e) from e
     if isinstance(pretrained, (str, Path)):
         # The classifier head is cut away below, so a file from a classifier with another class
         # count is fine: drop head weights whose shape differs, load everything else strictly.
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
+        state = _weights_file(pretrained)
         own = net.state_dict()
         state = {k: v for k, v in state.items() if not (k.split(".")[0] in ("fc", "classifier") and v.shape != own[k].shape)}
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -135,8 +176,10 @@ class Backbone(nn.Module):
             ``"torchvision/<name>"`` for a torchvision model.
         stage: index of the feature stage to stop at (timm `out_indices` convention, -1 = last;
             for torchvision ResNets 1..4 = layer1..layer4). None = the last stage.
-        pretrained: False, True (the library's ImageNet weights; needs network), or a path to a
-            state dict of the full classifier, loaded with ``weights_only=True``.
+        pretrained: False, True (the library's weights of the tagged name, e.g. ``resnet34.tv_in1k``
+            = torchvision's ImageNet weights; needs network, else `PretrainedWeightsError`), or a path
+            to a state dict of the full classifier, loaded with ``weights_only=True`` (torchvision key
+            names work; BBN's iNaturalist ResNet-50 file is converted).
     """
 
     def __init__(self, name: str = "resnet18", stage: int | None = None, pretrained: bool | str = False) -> None:
@@ -155,12 +198,16 @@ class Backbone(nn.Module):
                 )
             kwargs: dict = {"features_only": True, "out_indices": (-1 if stage is None else stage,)}
             if isinstance(pretrained, (str, Path)):
-                if not Path(pretrained).is_file():
-                    raise FileNotFoundError(f"backbone weights file not found: {pretrained}")
-                kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
+                # timm's own filter still maps torchvision key names (DenseNet, VGG) onto its modules.
+                kwargs.update(pretrained=True, pretrained_cfg_overlay={"state_dict": _weights_file(pretrained)})
             else:
                 kwargs["pretrained"] = bool(pretrained)
-            self.body = timm.create_model(name, **kwargs)
+            try:
+                self.body = timm.create_model(name, **kwargs)
+            except (OSError, RuntimeError) as e:  # hub and URL downloads (no network, no cache, bad hash)
+                if pretrained is not True:
+                    raise
+                raise _fetch_failed(name, e) from e
             self.out_channels = self.body.feature_info.channels()[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torchvision.transforms import v2
 
 from train.data import (
     CUB200,
+    corner_regions,
     DataFormatError,
     ImageFolderData,
     ImageLoadError,
@@ -20,6 +21,7 @@ from train.data import (
     load_image,
 )
 from train.synthetic import PART_NAMES
+from train.transforms import apply_transform
 
 S = len(PART_NAMES)
 
@@ -406,3 +408,191 @@ def test_image_folder_split_layout_and_skip(tmp_path, caplog):
     (tmp_path / "test" / "zebra").mkdir()
     with pytest.raises(DataFormatError, match="zebra"):
         ImageFolderData(str(tmp_path), image_size=16).setup()
+
+
+# ------------------------------------------------------------------------- recipes' augmentation, epoch size
+def _smooth_image(w: int, h: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([128 + 100 * np.sin(xx / 7.0), 128 + 100 * np.cos(yy / 5.0),
+                     128 + 60 * np.sin((xx + yy) / 9.0)], -1).astype(np.uint8)
+
+
+def _warp(arr: np.ndarray, coefficients: list[float]) -> np.ndarray:
+    from torchvision.transforms.v2 import functional as F
+
+    t = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return F.perspective(t, None, None, coefficients=coefficients).permute(1, 2, 0).numpy().astype(float)
+
+
+def _augmentor_rotate(im: Image.Image, angle: int) -> Image.Image:
+    """Augmentor's RotateRange with PIL: rotate on an expanded canvas, crop (E, A, X - E, Y - A), resize back."""
+    w, h = im.size
+    r = im.rotate(angle, expand=True, resample=Image.BICUBIC)
+    big_x, big_y = r.size
+    t = np.tan(np.radians(abs(angle)))
+    e = t * (big_y - big_x * t) - t * t
+    a = t * (big_x - e)
+    return r.crop((round(e), round(a), round(big_x - e), round(big_y - a))).resize((w, h), Image.BICUBIC)
+
+
+def _augmentor_shear(im: Image.Image, angle: int, along_x: bool) -> Image.Image:
+    """Augmentor's Shear with PIL: affine on a widened canvas, crop the filled part, resize back."""
+    w, h = im.size
+    phi = np.tan(np.radians(angle))
+    shift = phi * (h if along_x else w)
+    if along_x:
+        shift = np.ceil(shift) if shift > 0 else np.floor(shift)
+    offset = shift if angle > 0 else 0.0
+    shift = abs(shift)
+    if along_x:
+        out = im.transform((int(round(w + shift)), h), Image.AFFINE, (1, phi, -offset, 0, 1, 0), Image.BICUBIC)
+        out = out.crop((shift, 0, w, h))
+    else:
+        out = im.transform((w, int(round(h + shift))), Image.AFFINE, (1, 0, 0, phi, 1, -offset), Image.BICUBIC)
+        out = out.crop((0, shift, w, h))
+    return out.resize((w, h), Image.BICUBIC)
+
+
+def test_augmentor_warps_match_augmentor_with_pil():
+    from train.transforms import AugmentorRotate, AugmentorShear, AugmentorSkew
+
+    w, h = 96, 64
+    arr = _smooth_image(w, h)
+    im = Image.fromarray(arr)
+    inner = (slice(4, -4), slice(4, -4))  # borders differ by the resampling kernels only
+    for angle in (-15, -6, 4, 15):
+        diff = np.abs(_warp(arr, AugmentorRotate.coefficients(w, h, angle)) - np.asarray(_augmentor_rotate(im, angle)))
+        assert diff[inner].mean() < 1.5 and np.percentile(diff[inner], 99) < 6, angle
+    for angle in (-9, -1, 3, 11):
+        for along_x in (True, False):
+            diff = np.abs(_warp(arr, AugmentorShear.coefficients(w, h, angle, along_x))
+                          - np.asarray(_augmentor_shear(im, angle, along_x)))
+            assert diff[inner].mean() < 1.5 and np.percentile(diff[inner], 99) < 10, (angle, along_x)
+    # Skew: the corners move outwards; the left tilt (TL up, BL down by 12 px) maps (0, -12) of the output
+    # to the input's corner (0, 0), so the output's left edge shows the input's left column squeezed.
+    coef = AugmentorSkew.coefficients(w, h, 12, ((0, 1), (3, 1)))
+    a, b, c, d, e, f, g, k = coef
+    for (x, y), (u, v) in (((0, -12), (0, 0)), ((0, h + 12), (0, h)), ((w, 0), (w, 0)), ((w, h), (w, h))):
+        den = g * x + k * y + 1
+        assert abs((a * x + b * y + c) / den - u) < 1e-6 and abs((d * x + e * y + f) / den - v) < 1e-6
+
+
+def test_augmentor_draws_follow_augmentor():
+    from train.transforms import AugmentorRotate, AugmentorShear, AugmentorSkew
+
+    torch.manual_seed(0)
+    rotations = [AugmentorRotate(15).draw()["angle"] for _ in range(3000)]
+    assert set(rotations) == set(range(-15, 16))
+    assert 1.5 < rotations.count(0) / rotations.count(1) < 2.6  # 0 is drawn from both sides: twice as often
+    shears = [AugmentorShear(10).draw()["angle"] for _ in range(3000)]
+    assert set(shears) == set(range(-9, 12)) - {0}  # int(uniform(-11, 11)), then +1 unless -1
+    skews = [AugmentorSkew(0.2).draw(224) for _ in range(3000)]
+    assert {s["amount"] for s in skews} == set(range(1, 46))  # randint(1, ceil(224 x 0.2))
+    assert len({s["moves"] for s in skews}) == 12  # 4 tilts + 8 corner moves
+
+
+def test_augmentor_warps_move_keypoints_with_the_content(one_thread):
+    from train.transforms import train_augmentation
+
+    size = 64
+    image = torch.zeros(3, size, size, dtype=torch.uint8)
+    points = torch.tensor([[20.0, 24.0, 1.0], [40.0, 30.0, 1.0]])
+    for x, y, _ in points.tolist():
+        image[:, int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2] = 255
+    aug = train_augmentation("protopnet", size)
+    torch.manual_seed(3)
+    for view in range(30):
+        out, _, kp, _ = apply_transform(aug.for_view(view, 30), image.clone(), None, points.clone())
+        for x, y, vis in kp.tolist():
+            if vis:  # the bright dot is still around the moved keypoint
+                x0, y0 = int(round(x)), int(round(y))
+                patch = out[0, max(y0 - 2, 0):y0 + 3, max(x0 - 2, 0):x0 + 3]
+                assert patch.max() > 100, (view, x, y)
+
+
+def test_recipe_augmentations_and_bad_names():
+    from train.transforms import AugmentorRotate, AugmentorShear, AugmentorSkew, train_augmentation
+
+    aug = train_augmentation("protopnet", 224)
+    assert [type(p.transforms[0]) for p in aug.pipelines] == [AugmentorRotate, AugmentorSkew, AugmentorShear]
+    assert all(p.transforms[1].p == 0.5 for p in aug.pipelines)
+    counts = np.bincount([aug.pipelines.index(aug.for_view(r, 30)) for r in range(30)])
+    assert counts.tolist() == [10, 10, 10]  # one official epoch: 10 rotated, 10 skewed, 10 sheared per image
+    cars = train_augmentation("prototree_cars", 224)
+    assert cars.resize == 256
+    out = cars(torch.zeros(3, 256, 256, dtype=torch.uint8))
+    assert out.shape == (3, 224, 224)
+    assert train_augmentation(False, 224) is None
+    with pytest.raises(ValueError, match="augment='bogus'"):
+        _small_synthetic(augment="bogus")
+    with pytest.raises(ValueError, match="epoch_repeats=0"):
+        _small_synthetic(epoch_repeats=0)
+
+
+def test_corner_regions_hand_computed():
+    # box x 10..50, y 20..40 in a 100 x 60 image: margins int(4.0) = 4 and int(2.0) = 2
+    regions = corner_regions((10.0, 20.0, 50.0, 40.0), 100, 60)
+    assert regions == [(0, 0, 54, 42), (0, 18, 54, 60), (6, 0, 100, 42), (6, 18, 100, 60), (0, 0, 100, 60)]
+    assert corner_regions((0.0, 0.0, 100.0, 60.0), 100, 60)[0] == (0, 0, 100, 60)  # clipped to the image
+
+
+def test_cub_prototree_views_and_crops(cub):
+    root, truth = cub
+    size = 32
+    dm = CUB200(str(root), image_size=size, crop_to_bbox=True, test_crop_to_bbox=False, train_corners=True,
+                augment=False, epoch_repeats=5, batch_size=6)
+    img_id = truth["train"][0]
+    w, h = truth["sizes"][img_id]
+    bx, by, bw, bh = truth["boxes"][img_id]
+    source = load_image(dm.train_dataset.paths[0])
+
+    repeated = dm.train_dataloader().dataset
+    n = len(dm.train_dataset)
+    assert len(repeated) == 5 * n == 30
+    for view, region in enumerate(corner_regions((bx, by, bx + bw, by + bh), w, h)):
+        expected = torch.from_numpy(np.array(source.resize((size, size), Image.BILINEAR, box=region))).permute(2, 0, 1)
+        got = repeated[view * n]
+        assert int(got["index"]) == 0
+        torch.testing.assert_close(got["image"], expected.float() / 255, rtol=0, atol=0)
+    # Push on the box crops, test on the full images.
+    assert dm.push_dataset.crop_to_bbox and not dm.push_dataset.corners
+    assert not dm.test_dataset.crop_to_bbox and not dm.val_dataset.crop_to_bbox
+    test_id = truth["test"][0]
+    tw, th = truth["sizes"][test_id]
+    assert dm.test_dataset.crop_box(0, tw, th) == (0.0, 0.0, float(tw), float(th))
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny warps are dominated by thread start-up on a busy 2-core machine (the loader workers use 1 too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_repeated_epoch_is_deterministic_and_resumes_mid_epoch(cub, one_thread):
+    root, _ = cub
+
+    def make() -> CUB200:
+        return CUB200(str(root), image_size=24, augment="protopnet", epoch_repeats=4, batch_size=5, seed=2)
+
+    def batches(dm: CUB200, epoch: int) -> list[dict]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return list(loader)
+
+    first = batches(make(), 1)
+    assert sum(len(b["index"]) for b in first) == 24 and len(first) == 5  # 6 images x 4 views, batch 5
+    counts = np.bincount(torch.cat([b["index"] for b in first]).numpy())
+    assert counts.tolist() == [4] * 6  # every image once per view
+    again = batches(make(), 1)
+    for a, b in zip(first, again):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])
+    assert not torch.equal(batches(make(), 2)[0]["image"], first[0]["image"])  # other epoch, other draws
+    resumed = make()
+    resumed.load_state_dict({"epoch": 1, "train_batches_done": 2})
+    rest = list(resumed.train_dataloader())  # the datamodule's resume point sets epoch and skip
+    assert len(rest) == 3
+    for a, b in zip(first[2:], rest):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["index"], b["index"])

@@ -1,16 +1,13 @@
 """LightningDataModules of the zoo: SyntheticParts (default), CUB-200-2011 and any image folder.
 
-Batch contract (the models rely on it): every dataset item is a dict with
-    "image": float32 (3, H, W) in [0, 1], not normalised (normalisation is the model's first layer),
-    "label": int64 scalar, "index": int64 scalar (position in its split, so push can find the source);
-SyntheticParts adds "part_masks" bool (S, H, W), "keypoints" float32 (S, 3) = (x, y, visible) and
-"body_box" float32 (4,) = (x0, y0, x1, y1); CUB200 adds "keypoints" float32 (15, 3) and "bbox" float32 (4,),
-both in the returned image's pixel coordinates. Invisible CUB keypoints are (0, 0, 0).
+This module holds SyntheticParts and re-exports the rest, so configs name every datamodule as
+``train.data.<Name>``: the base class and the epoch size in `train.datamodule`, the file-based
+datasets in `train.datasets`, the augmentations in `train.transforms`.
 
-Keypoints follow torchvision's ``KeyPoints`` convention (pixel centres at integers; a flip maps x to
-W - 1 - x), boxes its XYXY ``BoundingBoxes`` convention (pixel edges; a flip maps x to W - x).
-Augmentation (``torchvision.transforms.v2``) moves images, masks, boxes and keypoints together; a keypoint
-that leaves the canvas becomes invisible. Nothing here downloads anything.
+SyntheticParts items add "part_masks" bool (S, H, W), "keypoints" float32 (S, 3) = (x, y, visible) and
+"body_box" float32 (4,) = (x0, y0, x1, y1) to the batch contract of `train.datamodule`, in the returned
+image's pixel coordinates. Augmentation moves images, masks, boxes and keypoints together; a keypoint
+that leaves the canvas becomes invisible.
 """
 
 from __future__ import annotations
@@ -18,294 +15,51 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torch.utils.data import Dataset
 
-from .resume import EpochSeededDataset, EpochShuffleSampler
+from .datamodule import RepeatedSplit, ZooDataModule
+from .datasets import (
+    CUB200,
+    IMG_EXTENSIONS,
+    DataFormatError,
+    ImageFolderData,
+    ImageLoadError,
+    ImageRecordDataset,
+    corner_regions,
+    load_image,
+    one_line,
+)
 from .synthetic import PART_NAMES, SyntheticPartsGenerator
+from .transforms import AUGMENTATIONS, Augmentation, apply_transform, build_train_transform, to_float, train_augmentation
 
 __all__ = [
-    "DataFormatError",
-    "ImageLoadError",
-    "load_image",
-    "build_train_transform",
-    "ZooDataModule",
-    "SyntheticPartsDataset",
-    "ImageRecordDataset",
-    "SyntheticParts",
+    "AUGMENTATIONS",
+    "Augmentation",
     "CUB200",
-    "ImageFolderData",
+    "DataFormatError",
     "IMG_EXTENSIONS",
+    "ImageFolderData",
+    "ImageLoadError",
+    "ImageRecordDataset",
+    "RepeatedSplit",
+    "SyntheticParts",
+    "SyntheticPartsDataset",
+    "ZooDataModule",
+    "build_train_transform",
+    "corner_regions",
+    "load_image",
+    "train_augmentation",
 ]
 
 log = logging.getLogger(__name__)
-
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-_STAGE_SPLITS = {
-    "fit": ("train", "val", "push"),
-    "validate": ("val",),
-    "test": ("test",),
-    "predict": ("test",),
-    None: ("train", "val", "test", "push"),
-}
-
-
-class DataFormatError(ValueError):
-    """A dataset file is missing or malformed; the message names the file (and line)."""
-
-
-class ImageLoadError(OSError):
-    """An image file cannot be read or decoded; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------- images
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB; 16/32-bit greyscale is rescaled, not clipped (PIL clips)."""
-    mode = im.mode
-    if mode == "RGB":
-        return im
-    if mode.startswith("I") or mode == "F":
-        arr = np.asarray(im).astype(np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
-            arr = arr / 257.0  # 65535 -> 255
-        elif mode == "F" and arr.size and arr.max() <= 1.0:
-            arr = arr * 255.0
-        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
-    if mode == "P":
-        # Palette images may carry transparency; go through RGBA so PIL does not warn, then drop alpha.
-        return im.convert("RGBA").convert("RGB")
-    return im.convert("RGB")  # L, LA, RGBA, CMYK, YCbCr, 1, ...: alpha is dropped, as torchvision does
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; any failure raises :class:`ImageLoadError` naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now: a truncated file fails here, not later in a worker
-            rgb = _to_rgb(im)
-            return rgb if rgb is not im else im.copy()
-    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        raise ImageLoadError(f"cannot read image '{path}': {_one_line(exc)}") from exc
-
-
-def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
-    """uint8 (3, H, W)."""
-    return torch.from_numpy(np.array(im, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-
-
-def _to_float(image: torch.Tensor) -> torch.Tensor:
-    return image.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous()
-
-
-# ------------------------------------------------------------------------------------------ transforms
-def build_train_transform(
-    image_size: int,
-    crop_scale: tuple[float, float] = (0.8, 1.0),
-    degrees: float = 10.0,
-    jitter: float = 0.1,
-) -> v2.Transform:
-    """Mild augmentation that moves masks, boxes and keypoints with the image (uint8 in, uint8 out)."""
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(image_size, scale=crop_scale, ratio=(3 / 4, 4 / 3), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.RandomAffine(degrees=degrees)], p=0.5),
-            v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter),
-        ]
-    )
-
-
-def _apply_transform(
-    transform: Callable | None,
-    image: torch.Tensor,
-    part_map: torch.Tensor | None = None,
-    keypoints: torch.Tensor | None = None,
-    box: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Run a v2 transform on an image and its annotations; returns plain tensors.
-
-    ``part_map``: uint8 (H, W), 0 = no part, s + 1 = part s (nearest-neighbour resampled).
-    ``keypoints``: (K, 3) (x, y, visible); points that leave the canvas become invisible.
-    ``box``: (4,) XYXY.
-    """
-    if transform is None:
-        return image, part_map, keypoints, box
-    h, w = image.shape[-2:]
-    inputs: dict[str, Any] = {"image": tv_tensors.Image(image)}
-    if part_map is not None:
-        inputs["part_map"] = tv_tensors.Mask(part_map[None])
-    if keypoints is not None:
-        inputs["keypoints"] = tv_tensors.KeyPoints(keypoints[:, :2].clone(), canvas_size=(h, w))
-    if box is not None:
-        inputs["box"] = tv_tensors.BoundingBoxes(box[None], format="XYXY", canvas_size=(h, w))
-    out = transform(inputs)
-    image = out["image"].as_subclass(torch.Tensor)
-    nh, nw = image.shape[-2:]
-    if part_map is not None:
-        part_map = out["part_map"].as_subclass(torch.Tensor)[0]
-    if keypoints is not None:
-        xy = out["keypoints"].as_subclass(torch.Tensor).to(torch.float32)
-        inside = (xy[:, 0] >= 0) & (xy[:, 0] <= nw - 1) & (xy[:, 1] >= 0) & (xy[:, 1] <= nh - 1)
-        keypoints = torch.cat([xy, (keypoints[:, 2] > 0).logical_and(inside)[:, None].float()], dim=1)
-    if box is not None:
-        box = out["box"].as_subclass(torch.Tensor)[0].to(torch.float32)
-    return image, part_map, keypoints, box
-
-
-# --------------------------------------------------------------------------------------- base module
-class ZooDataModule(pl.LightningDataModule):
-    """Shared loaders: train (shuffled, augmented), val, test, and push (train, unaugmented, in order).
-
-    Subclasses implement ``_build_dataset(split)`` for split in {'train', 'val', 'test', 'push'}, and
-    ``num_classes`` / ``class_names``. Datasets are built lazily on first use, so the loaders work
-    with or without a prior ``setup()``.
-    """
-
-    def __init__(
-        self,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        augment: bool = True,
-    ) -> None:
-        super().__init__()
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
-        self.augment = bool(augment)
-        self._datasets: dict[str, Dataset] = {}
-        self._resume_at: tuple[int, int] | None = None  # (epoch, trained batches) of an interrupted epoch
-
-    # -- to implement
-    def _build_dataset(self, split: str) -> Dataset:
-        raise NotImplementedError
-
-    @property
-    def num_classes(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def class_names(self) -> list[str]:
-        raise NotImplementedError
-
-    @property
-    def part_names(self) -> tuple[str, ...] | None:
-        """Names of the annotated parts (keypoint / mask order), or None where there are none."""
-        return None
-
-    # -- shared
-    def dataset(self, split: str) -> Dataset:
-        """The dataset of a split ('train', 'val', 'test', 'push'), built once."""
-        if split not in ("train", "val", "test", "push"):
-            raise ValueError(f"unknown split {split!r}")
-        if split not in self._datasets:
-            self._datasets[split] = self._build_dataset(split)
-        return self._datasets[split]
-
-    @property
-    def train_dataset(self) -> Dataset:
-        return self.dataset("train")
-
-    @property
-    def val_dataset(self) -> Dataset:
-        return self.dataset("val")
-
-    @property
-    def test_dataset(self) -> Dataset:
-        return self.dataset("test")
-
-    @property
-    def push_dataset(self) -> Dataset:
-        return self.dataset("push")
-
-    def setup(self, stage: str | None = None) -> None:
-        for split in _STAGE_SPLITS.get(stage, _STAGE_SPLITS[None]):
-            self.dataset(split)
-
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-            generator=self._generator(),
-        )
-
-    def _generator(self) -> torch.Generator:
-        # Each loader draws its worker seeds from its own generator: starting an epoch (or a
-        # validation) then leaves the global random state alone, which exact resumption relies on.
-        return torch.Generator().manual_seed(int(getattr(self, "seed", 0)))
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled and augmented, every draw a function of (seed, epoch, index): resumable exactly."""
-        seed = int(getattr(self, "seed", 0))
-        dataset = self.dataset("train")
-        sampler = EpochShuffleSampler(len(dataset), seed=seed, batch_size=self.batch_size)
-        if self._resume_at is not None:
-            sampler.set_epoch(self._resume_at[0])
-            sampler.skip_batches = self._resume_at[1]
-            self._resume_at = None
-        return DataLoader(
-            EpochSeededDataset(dataset, seed=seed),
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            drop_last=False,
-            generator=self._generator(),
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where the training epoch stands, so that a resumed run skips the batches already trained on."""
-        trainer = self.trainer
-        if trainer is None:
-            return {}
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": trainer.current_epoch, "train_batches_done": int(progress.processed)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "train_batches_done" in state_dict:
-            self._resume_at = (int(state_dict["epoch"]), int(state_dict["train_batches_done"]))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
-
-    def push_dataloader(self) -> DataLoader:
-        """The training split without augmentation, unshuffled: batch["index"] runs 0..N-1 in order."""
-        return self._loader("push", False, self.eval_batch_size)
-
-    def _train_transform(self, image_size: int) -> v2.Transform | None:
-        return build_train_transform(image_size) if self.augment else None
 
 
 # ------------------------------------------------------------------------------------ SyntheticParts
@@ -346,7 +100,7 @@ def _load_or_render(
             with np.load(path) as data:
                 return {k: data[k] for k in data.files}
         except Exception as exc:  # a damaged cache is rebuilt, not fatal
-            log.warning("rebuilding damaged SyntheticParts cache %s (%s)", path, _one_line(exc))
+            log.warning("rebuilding damaged SyntheticParts cache %s (%s)", path, one_line(exc))
     arrays = _render_arrays(generator, split, size)
     directory.mkdir(parents=True, exist_ok=True)
     # Write then rename: concurrent ranks / processes never read a half-written file.
@@ -420,13 +174,13 @@ class SyntheticPartsDataset(Dataset):
         pmap = torch.from_numpy((part_map.astype(np.int16) + 1).astype(np.uint8))
         kp = torch.from_numpy(np.array(keypoints, dtype=np.float32))
         bx = torch.from_numpy(np.array(box, dtype=np.float32))
-        image_t, pmap, kp, bx = _apply_transform(self.transform, image_t, pmap, kp, bx)
+        image_t, pmap, kp, bx = apply_transform(self.transform, image_t, pmap, kp, bx)
         num_parts = kp.shape[0]
         masks = pmap[None].long() == torch.arange(1, num_parts + 1)[:, None, None]
         if self.transform is not None:  # visible = some pixel of the part is still in the image
             kp[:, 2] *= masks.flatten(1).any(dim=1).float()
         return {
-            "image": _to_float(image_t),
+            "image": to_float(image_t),
             "label": torch.tensor(label, dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
             "part_masks": masks,
@@ -442,6 +196,7 @@ class SyntheticParts(ZooDataModule):
     construction. ``cache``: False = render every item on the fly (works with any number of workers);
     True = render each split once into uint8 arrays in memory; a path = a directory where those arrays
     are also stored as .npz files keyed by the generator parameters, split and size.
+    ``loader_args``: those of `ZooDataModule` (batch sizes, workers, augment, epoch_repeats).
     """
 
     def __init__(
@@ -457,13 +212,9 @@ class SyntheticParts(ZooDataModule):
         color_jitter: float = 0.0,
         shortcut: float = 0.0,
         cache: bool | str = True,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        augment: bool = True,
+        **loader_args: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, augment)
+        super().__init__(**loader_args)
         self.save_hyperparameters()
         self.image_size = int(image_size)
         self.sizes = {"train": int(train_size), "val": int(val_size), "test": int(test_size)}
@@ -504,483 +255,4 @@ class SyntheticParts(ZooDataModule):
         transform = self._train_transform(self.image_size) if split == "train" else None
         return SyntheticPartsDataset(
             self.generator, source, self.sizes[source], transform, self._split_arrays(source)
-        )
-
-
-# ------------------------------------------------------------------------------- file-based datasets
-class ImageRecordDataset(Dataset):
-    """Images listed by path, with optional per-image keypoints and box in original pixel coordinates.
-
-    Each item is cropped to its box (``crop_to_bbox``, grown by ``bbox_margin`` x box size per side and
-    clipped to the image), resized to (image_size, image_size) without keeping the aspect (as ProtoPNet),
-    then augmented by ``transform`` if given. Keypoints map as x' = (x - x0) * S / (x1 - x0); those
-    outside the crop become invisible, stored as (0, 0, 0).
-    """
-
-    def __init__(
-        self,
-        paths: Sequence[str | os.PathLike],
-        labels: Sequence[int],
-        image_size: int,
-        keypoints: np.ndarray | None = None,
-        boxes: np.ndarray | None = None,
-        crop_to_bbox: bool = False,
-        bbox_margin: float = 0.0,
-        transform: Callable | None = None,
-    ) -> None:
-        if len(paths) != len(labels):
-            raise ValueError("paths and labels differ in length")
-        self.paths = [str(p) for p in paths]
-        self.labels = np.asarray(labels, dtype=np.int64)
-        self.image_size = int(image_size)
-        self.keypoints = None if keypoints is None else np.asarray(keypoints, dtype=np.float32)
-        self.boxes = None if boxes is None else np.asarray(boxes, dtype=np.float32)  # XYXY
-        if crop_to_bbox and self.boxes is None:
-            raise ValueError("crop_to_bbox needs boxes")
-        self.crop_to_bbox = bool(crop_to_bbox)
-        self.bbox_margin = float(bbox_margin)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def crop_box(self, index: int, width: int, height: int) -> tuple[float, float, float, float]:
-        """The source region (x0, y0, x1, y1) that becomes the returned image."""
-        if not self.crop_to_bbox:
-            return 0.0, 0.0, float(width), float(height)
-        x0, y0, x1, y1 = (float(v) for v in self.boxes[index])
-        mx, my = self.bbox_margin * (x1 - x0), self.bbox_margin * (y1 - y0)
-        x0, y0 = max(0.0, x0 - mx), max(0.0, y0 - my)
-        x1, y1 = min(float(width), x1 + mx), min(float(height), y1 + my)
-        if x1 - x0 < 1.0 or y1 - y0 < 1.0:  # a degenerate box: fall back to the whole image
-            return 0.0, 0.0, float(width), float(height)
-        return x0, y0, x1, y1
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for a split of {len(self)}")
-        im = load_image(self.paths[index])
-        x0, y0, x1, y1 = self.crop_box(index, *im.size)
-        size = self.image_size
-        im = im.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
-        sx, sy = size / (x1 - x0), size / (y1 - y0)
-        item: dict[str, torch.Tensor] = {}
-        kp = box = None
-        if self.keypoints is not None:
-            k = self.keypoints[index]
-            x, y = (k[:, 0] - x0) * sx, (k[:, 1] - y0) * sy
-            vis = (k[:, 2] > 0) & (x >= 0) & (x <= size) & (y >= 0) & (y <= size)
-            kp = torch.from_numpy(np.stack([x, y, vis.astype(np.float32)], axis=1).astype(np.float32))
-        if self.boxes is not None:
-            bx0, by0, bx1, by1 = self.boxes[index]
-            b = np.array([(bx0 - x0) * sx, (by0 - y0) * sy, (bx1 - x0) * sx, (by1 - y0) * sy])
-            box = torch.from_numpy(np.clip(b, 0, size).astype(np.float32))
-        image, _, kp, box = _apply_transform(self.transform, _pil_to_tensor(im), None, kp, box)
-        item["image"] = _to_float(image)
-        item["label"] = torch.tensor(int(self.labels[index]), dtype=torch.int64)
-        item["index"] = torch.tensor(index, dtype=torch.int64)
-        if kp is not None:
-            kp = kp * kp[:, 2:3]  # invisible -> (0, 0, 0), as in CUB's own files
-            item["keypoints"] = kp
-        if box is not None:
-            item["bbox"] = box
-        return item
-
-
-def _verify_images(paths: Sequence[str]) -> list[int]:
-    """Indices of the paths that cannot be fully decoded."""
-    bad = []
-    for i, p in enumerate(paths):
-        try:
-            load_image(p)
-        except ImageLoadError:
-            bad.append(i)
-    return bad
-
-
-def _check_exist(paths: Sequence[str]) -> None:
-    for p in paths:
-        if not os.path.isfile(p):
-            raise ImageLoadError(f"cannot read image '{p}': file not found")
-
-
-def _stratified_split(labels: np.ndarray, fraction: float, seed: int, salt: int) -> np.ndarray:
-    """Boolean mask of a per-class random `fraction` (at least one per class left on the other side)."""
-    picked = np.zeros(len(labels), dtype=bool)
-    if fraction <= 0:
-        return picked
-    rng = np.random.default_rng([seed, salt])
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        k = int(round(fraction * len(idx)))
-        k = min(k, len(idx) - 1) if len(idx) > 1 else 0
-        picked[rng.permutation(idx)[:k]] = True
-    return picked
-
-
-class _FileDataModule(ZooDataModule):
-    """Shared: corrupt-file handling and record storage for CUB200 and ImageFolderData."""
-
-    skip_corrupt: bool
-
-    def _records(self) -> dict[str, dict[str, Any]]:
-        """split -> {"paths", "labels", optionally "keypoints", "boxes"} (push = train)."""
-        raise NotImplementedError
-
-    def _filtered_records(self) -> dict[str, dict[str, Any]]:
-        if getattr(self, "_filtered", None) is None:
-            records = self._records()
-            self.num_skipped = 0
-            if self.skip_corrupt:
-                seen: dict[str, bool] = {}  # val may equal test: verify each file once
-                for split, rec in records.items():
-                    todo = [p for p in rec["paths"] if p not in seen]
-                    bad = set(_verify_images(todo))
-                    seen.update({p: i not in bad for i, p in enumerate(todo)})
-                    keep = np.array([seen[p] for p in rec["paths"]], dtype=bool)
-                    records[split] = {k: (np.asarray(v)[keep] if k != "paths" else
-                                          [p for p, ok in zip(v, keep) if ok]) for k, v in rec.items()}
-                skipped = sorted(p for p, ok in seen.items() if not ok)
-                self.num_skipped = len(skipped)
-                if skipped:
-                    log.warning("skipped %d unreadable image(s) under %s, first: %s",
-                                len(skipped), getattr(self, "root", "?"), skipped[0])
-            else:
-                for rec in records.values():
-                    _check_exist(rec["paths"])
-            self._filtered = records
-        return self._filtered
-
-
-# ------------------------------------------------------------------------------------------- CUB-200
-def _read_rows(path: Path, min_fields: int, max_split: int = -1) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of the non-blank lines; too few fields raises DataFormatError."""
-    if not path.is_file():
-        raise DataFormatError(f"{path}: file not found (expected the CUB-200-2011 layout)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            fields = text.split(None, max_split) if max_split > 0 else text.split()
-            if len(fields) < min_fields or (max_split <= 0 and len(fields) != min_fields):
-                raise DataFormatError(
-                    f"{path}:{lineno}: expected {min_fields} fields, got {len(fields)}: {text!r}"
-                )
-            rows.append((lineno, fields))
-    return rows
-
-
-def _parse(path: Path, lineno: int, value: str, kind: type) -> Any:
-    try:
-        out = kind(value)
-    except ValueError:
-        raise DataFormatError(f"{path}:{lineno}: cannot parse {value!r} as {kind.__name__}") from None
-    if kind is float and not math.isfinite(out):
-        raise DataFormatError(f"{path}:{lineno}: non-finite number {value!r}")
-    return out
-
-
-def _id_table(path: Path, rows: list[tuple[int, list[str]]], known: dict[int, Any] | None) -> dict[int, tuple[int, list[str]]]:
-    """id -> (line, remaining fields); duplicate or unknown ids, and ids missing here, are errors."""
-    table: dict[int, tuple[int, list[str]]] = {}
-    for lineno, fields in rows:
-        i = _parse(path, lineno, fields[0], int)
-        if i in table:
-            raise DataFormatError(f"{path}:{lineno}: duplicate id {i} (first on line {table[i][0]})")
-        if known is not None and i not in known:
-            raise DataFormatError(f"{path}:{lineno}: image id {i} is not in images.txt")
-        table[i] = (lineno, fields[1:])
-    if known is not None:
-        missing = [i for i in known if i not in table]
-        if missing:
-            raise DataFormatError(f"{path}: no entry for image id(s) {missing[:5]} listed in images.txt")
-    return table
-
-
-class CUB200(_FileDataModule):
-    """CUB-200-2011 from its official folder (``images/``, ``images.txt``, ``parts/`` ...).
-
-    Splits: train / test from ``train_test_split.txt``; val is a per-class ``val_fraction`` of train
-    (seeded), or the test split when ``val_fraction`` is 0; push = train, cropped, unaugmented.
-    Labels are 0-based. ``num_classes``, ``class_names`` and ``part_names`` read only ``classes.txt``
-    and ``parts/parts.txt``, so they are available right after construction.
-    """
-
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 224,
-        crop_to_bbox: bool = True,
-        bbox_margin: float = 0.0,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        skip_corrupt: bool = False,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        augment: bool = True,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, augment)
-        self.save_hyperparameters()
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        self.root = Path(root)
-        self.image_size = int(image_size)
-        self.crop_to_bbox = bool(crop_to_bbox)
-        self.bbox_margin = float(bbox_margin)
-        self.val_fraction = float(val_fraction)
-        self.seed = int(seed)
-        self.skip_corrupt = bool(skip_corrupt)
-        self.num_skipped = 0
-        self._classes: list[str] | None = None
-        self._parts: list[str] | None = None
-        self._filtered = None
-
-    def _class_table(self) -> list[str]:
-        if self._classes is None:
-            path = self.root / "classes.txt"
-            rows = _read_rows(path, 2, max_split=1)
-            ids = [_parse(path, ln, f[0], int) for ln, f in rows]
-            if sorted(ids) != list(range(1, len(ids) + 1)):
-                raise DataFormatError(f"{path}: class ids must be 1..{len(ids)}, got {sorted(ids)[:5]}...")
-            names = dict(zip(ids, (f[1] for _, f in rows)))
-            self._classes = [names[i] for i in range(1, len(ids) + 1)]
-        return self._classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self._class_table())
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self._class_table())
-
-    @property
-    def part_names(self) -> tuple[str, ...]:
-        if self._parts is None:
-            path = self.root / "parts" / "parts.txt"
-            rows = _read_rows(path, 2, max_split=1)
-            ids = [_parse(path, ln, f[0], int) for ln, f in rows]
-            if sorted(ids) != list(range(1, len(ids) + 1)):
-                raise DataFormatError(f"{path}: part ids must be 1..{len(ids)}")
-            names = dict(zip(ids, (f[1] for _, f in rows)))
-            self._parts = [names[i] for i in range(1, len(ids) + 1)]
-        return tuple(self._parts)
-
-    def _records(self) -> dict[str, dict[str, Any]]:
-        root = self.root
-        num_classes, num_parts = self.num_classes, len(self.part_names)
-        path = root / "images.txt"
-        images = _id_table(path, _read_rows(path, 2, max_split=1), None)
-        ids = sorted(images)
-
-        path = root / "train_test_split.txt"
-        split_tab = _id_table(path, _read_rows(path, 2), images)
-        is_train = {}
-        for i, (ln, f) in split_tab.items():
-            flag = _parse(path, ln, f[0], int)
-            if flag not in (0, 1):
-                raise DataFormatError(f"{path}:{ln}: split flag must be 0 or 1, got {f[0]!r}")
-            is_train[i] = flag == 1
-
-        path = root / "image_class_labels.txt"
-        labels = {}
-        for i, (ln, f) in _id_table(path, _read_rows(path, 2), images).items():
-            c = _parse(path, ln, f[0], int)
-            if not 1 <= c <= num_classes:
-                raise DataFormatError(f"{path}:{ln}: class {c} not in classes.txt (1..{num_classes})")
-            labels[i] = c - 1
-
-        path = root / "bounding_boxes.txt"
-        boxes = {}
-        for i, (ln, f) in _id_table(path, _read_rows(path, 5), images).items():
-            x, y, w, h = (_parse(path, ln, v, float) for v in f)
-            if w <= 0 or h <= 0:
-                raise DataFormatError(f"{path}:{ln}: box width and height must be > 0, got {w} x {h}")
-            boxes[i] = (x, y, x + w, y + h)
-
-        # Parts: missing (image, part) rows are taken as invisible rather than an error.
-        path = root / "parts" / "part_locs.txt"
-        index_of = {i: k for k, i in enumerate(ids)}
-        kps = np.zeros((len(ids), num_parts, 3), dtype=np.float32)
-        seen = set()
-        for ln, f in _read_rows(path, 5):
-            i, p = _parse(path, ln, f[0], int), _parse(path, ln, f[1], int)
-            if i not in images:
-                raise DataFormatError(f"{path}:{ln}: image id {i} is not in images.txt")
-            if not 1 <= p <= num_parts:
-                raise DataFormatError(f"{path}:{ln}: part id {p} not in parts.txt (1..{num_parts})")
-            if (i, p) in seen:
-                raise DataFormatError(f"{path}:{ln}: duplicate entry for image {i}, part {p}")
-            seen.add((i, p))
-            x, y, v = (_parse(path, ln, s, float) for s in f[2:])
-            if v not in (0.0, 1.0):
-                raise DataFormatError(f"{path}:{ln}: visible flag must be 0 or 1, got {f[4]!r}")
-            kps[index_of[i], p - 1] = (x, y, v) if v else (0.0, 0.0, 0.0)
-
-        def pack(sel: list[int]) -> dict[str, Any]:
-            rows = [index_of[i] for i in sel]
-            return {
-                "paths": [str(root / "images" / images[i][1][0]) for i in sel],
-                "labels": np.array([labels[i] for i in sel], dtype=np.int64),
-                "keypoints": kps[rows] if rows else np.zeros((0, num_parts, 3), np.float32),
-                "boxes": np.array([boxes[i] for i in sel], dtype=np.float32).reshape(-1, 4),
-                "ids": np.array(sel, dtype=np.int64),
-            }
-
-        train_ids = [i for i in ids if is_train[i]]
-        test_ids = [i for i in ids if not is_train[i]]
-        train_labels = np.array([labels[i] for i in train_ids], dtype=np.int64)
-        in_val = _stratified_split(train_labels, self.val_fraction, self.seed, salt=1)
-        records = {
-            "train": pack([i for i, v in zip(train_ids, in_val) if not v]),
-            "test": pack(test_ids),
-        }
-        records["val"] = pack([i for i, v in zip(train_ids, in_val) if v]) if in_val.any() else records["test"]
-        return records
-
-    def split_ids(self, split: str) -> np.ndarray:
-        """Official CUB image ids of a split, in item order (after any skipped files)."""
-        rec = self._filtered_records()["train" if split == "push" else split]
-        return np.asarray(rec["ids"])
-
-    def _build_dataset(self, split: str) -> ImageRecordDataset:
-        rec = self._filtered_records()["train" if split == "push" else split]
-        return ImageRecordDataset(
-            rec["paths"],
-            rec["labels"],
-            self.image_size,
-            keypoints=rec["keypoints"],
-            boxes=rec["boxes"],
-            crop_to_bbox=self.crop_to_bbox,
-            bbox_margin=self.bbox_margin,
-            transform=self._train_transform(self.image_size) if split == "train" else None,
-        )
-
-
-# ------------------------------------------------------------------------------------- image folders
-def _list_class_dirs(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        raise DataFormatError(f"{folder}: not a directory")
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _list_images(folder: Path, class_to_idx: dict[str, int], extensions: Sequence[str]) -> tuple[list[str], list[int]]:
-    exts = tuple(e.lower() for e in extensions)
-    paths, labels = [], []
-    for name in _list_class_dirs(folder):
-        if name not in class_to_idx:
-            raise DataFormatError(f"{folder / name}: class folder not present in the training folder")
-        for dirpath, dirnames, filenames in os.walk(folder / name):
-            dirnames.sort()
-            for fn in sorted(filenames):
-                if fn.lower().endswith(exts) and not fn.startswith("."):
-                    paths.append(os.path.join(dirpath, fn))
-                    labels.append(class_to_idx[name])
-    return paths, labels
-
-
-class ImageFolderData(_FileDataModule):
-    """Any folder of class sub-folders.
-
-    Layouts: ``root/train/<class>/...`` with optional ``root/val`` and ``root/test`` (a missing val is
-    carved from train by ``val_fraction``, else it is the test split, and vice versa); or
-    ``root/<class>/...``, split per class by ``test_fraction`` and ``val_fraction`` with ``seed``.
-    Images are resized to (image_size, image_size). Class names are the sorted training sub-folders,
-    available right after construction.
-    """
-
-    def __init__(
-        self,
-        root: str,
-        image_size: int = 224,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        seed: int = 0,
-        skip_corrupt: bool = False,
-        extensions: Sequence[str] = IMG_EXTENSIONS,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        augment: bool = True,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, augment)
-        self.save_hyperparameters()
-        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ValueError("need val_fraction, test_fraction >= 0 and val_fraction + test_fraction < 1")
-        self.root = Path(root)
-        self.image_size = int(image_size)
-        self.val_fraction = float(val_fraction)
-        self.test_fraction = float(test_fraction)
-        self.seed = int(seed)
-        self.skip_corrupt = bool(skip_corrupt)
-        self.extensions = tuple(extensions)
-        self.num_skipped = 0
-        self._filtered = None
-
-    @property
-    def split_layout(self) -> bool:
-        """True when root holds train/ (and val/, test/) rather than class folders directly."""
-        return (self.root / "train").is_dir()
-
-    @property
-    def class_names(self) -> list[str]:
-        names = _list_class_dirs(self.root / "train" if self.split_layout else self.root)
-        if not names:
-            raise DataFormatError(f"{self.root}: no class sub-folders found")
-        return names
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def _records(self) -> dict[str, dict[str, Any]]:
-        class_to_idx = {n: i for i, n in enumerate(self.class_names)}
-
-        def rec(paths: list[str], labels: Sequence[int]) -> dict[str, Any]:
-            return {"paths": list(paths), "labels": np.asarray(labels, dtype=np.int64)}
-
-        def take(r: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
-            return rec([p for p, m in zip(r["paths"], mask) if m], r["labels"][mask])
-
-        records: dict[str, dict[str, Any] | None] = {}
-        if self.split_layout:
-            train = rec(*_list_images(self.root / "train", class_to_idx, self.extensions))
-            for split in ("val", "test"):
-                folder = self.root / split
-                records[split] = rec(*_list_images(folder, class_to_idx, self.extensions)) if folder.is_dir() else None
-            if records["val"] is None and self.val_fraction > 0:
-                in_val = _stratified_split(train["labels"], self.val_fraction, self.seed, salt=2)
-                records["val"], train = take(train, in_val), take(train, ~in_val)
-        else:
-            everything = rec(*_list_images(self.root, class_to_idx, self.extensions))
-            in_test = _stratified_split(everything["labels"], self.test_fraction, self.seed, salt=3)
-            rest = take(everything, ~in_test)
-            in_val = _stratified_split(rest["labels"], self.val_fraction, self.seed, salt=4)
-            train = take(rest, ~in_val)
-            records["test"] = take(everything, in_test) if in_test.any() else None
-            records["val"] = take(rest, in_val) if in_val.any() else None
-        if records["val"] is None and records["test"] is None:
-            raise DataFormatError(
-                f"{self.root}: no val/test folder and nothing carved out (val_fraction/test_fraction are 0)"
-            )
-        records["val"] = records["val"] or records["test"]
-        records["test"] = records["test"] or records["val"]
-        records["train"] = train
-        if len(train["paths"]) == 0:
-            raise DataFormatError(f"{self.root}: no training images with extensions {self.extensions}")
-        return records  # type: ignore[return-value]
-
-    def _build_dataset(self, split: str) -> ImageRecordDataset:
-        rec = self._filtered_records()["train" if split == "push" else split]
-        return ImageRecordDataset(
-            rec["paths"],
-            rec["labels"],
-            self.image_size,
-            transform=self._train_transform(self.image_size) if split == "train" else None,
         )

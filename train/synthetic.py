@@ -1,4 +1,4 @@
-"""SyntheticParts: a 2-D scene generator with ground-truth parts (spec: ``specs/synthetic_parts.md``).
+"""SyntheticParts: a 2-D scene generator with ground-truth parts (the zoo's built-in dataset).
 
 A scene is a *recipe* of plain values (background, body pose, part variants, distractors, occluder,
 shortcut cue, colour jitter) drawn from ``np.random.default_rng([seed, split_id, index])``; the image is
