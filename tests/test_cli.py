@@ -209,7 +209,7 @@ def test_the_class_path_exploit_is_refused_as_a_subprocess(repo_root, tmp_path):
     done = run_cli(repo_root, "test", "--config", "configs/cam/synthetic.yaml", *TINY, "--ckpt_path", str(path),
                    "--runs_root", str(tmp_path / "runs"))
     assert done.returncode == 1 and "Traceback" not in done.stderr and not marker.exists()
-    assert "refusing class 'subprocess.Popen'" in done.stderr.splitlines()[-1]
+    assert "refusing to build 'subprocess.Popen'" in done.stderr.splitlines()[-1]
 
 
 def test_user_errors_of_train_py_are_one_line(repo_root, tmp_path):

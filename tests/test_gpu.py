@@ -97,7 +97,7 @@ def test_protopnet_push_on_cuda_equals_push_on_cpu():
 
 def _tree_push(tree, loader):
     """ProtoTree's projection under its current name (push, formerly project)."""
-    return tree.push(loader) if hasattr(tree, "push") else tree.project(loader)
+    return tree.push(loader)
 
 
 @needs_device
@@ -152,7 +152,7 @@ def test_similarity_cache_on_cuda_equals_cpu_distances():
 @needs_device
 def test_cached_last_layer_phase_on_cuda_equals_recomputing_the_network(tmp_path):
     pl = pytest.importorskip("lightning.pytorch")
-    push = pytest.importorskip("train.prototypes", reason="train.prototypes (PrototypePush) does not import here")
+    phases = pytest.importorskip("train.phases", reason="train.phases (the phase callback) does not import here")
 
     class Data(pl.LightningDataModule):
         num_classes, class_names, augment = 3, ["a", "b", "c"], False
@@ -179,7 +179,7 @@ def test_cached_last_layer_phase_on_cuda_equals_recomputing_the_network(tmp_path
         model = _protopnet(cache_last_layer=cache, **schedule).train()
         trainer = pl.Trainer(accelerator=DEVICE.type, devices=1, max_epochs=3, logger=False, enable_progress_bar=False,
                              enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
-                             default_root_dir=tmp_path / str(cache), callbacks=[push.PrototypePush(figures=False)])
+                             default_root_dir=tmp_path / str(cache), callbacks=[phases.Phases(figures=False, final_checkpoint=False)])
         trainer.fit(model, Data())
         fitted[cache] = model
     plain, cached = fitted[False], fitted[True]

@@ -146,7 +146,7 @@ def test_prototree_cub_recipe_dry_run_follows_the_official_schedule(mini_cub, tm
     assert _close(official_prototree(61), {k: v / 2 for k, v in official_prototree(60).items()})
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert sorted(scheduler.milestones) == [60, 70, 80, 90, 100] and scheduler.gamma == 0.5
-    projected = model.prototype_source[model.prototype_source >= 0]
+    projected = model.prototype_source_index[model.prototype_source_index >= 0]
     assert len(projected) > 0 and int(projected.max()) < len(dm.push_dataset)  # projected on the crops
 
 

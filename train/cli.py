@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from models.base import InterpretableClassifier
 from models.pretrained import CheckpointError
-from models.pretrained import _import_model_class as import_model_class
+from models.pretrained import zoo_classes
 from models.pretrained import _load_state as load_state
 from models.pretrained import _read as read_checkpoint
 
@@ -97,8 +97,9 @@ class ZooCLI(LightningCLI):
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and Path(path).is_file():
             class_path = (read_checkpoint(Path(path)).get("hyper_parameters") or {}).get("_class_path")
-            if class_path is not None:
-                import_model_class(str(class_path))
+            if class_path is not None and str(class_path) not in zoo_classes():
+                raise CheckpointError(f"--ckpt_path {path}: refusing to build {str(class_path)[:120]!r}: "
+                                      "not a model class of the zoo")
         super()._parse_ckpt_path()
 
     def _check_ckpt_path(self) -> None:

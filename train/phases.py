@@ -43,8 +43,9 @@ class Phases(pl.Callback):
         figures: save the gallery after each push.
         max_prototypes: tiles in the gallery.
         dirname: sub-folder of the run folder for figures.
-        final_checkpoint: at the end of fit, save ``<run>/checkpoints/final.ckpt`` (after every other
-            callback's end-of-training work, e.g. a ProtoTree's pruning and projection).
+        final_checkpoint: at the end of fit, save ``final.ckpt`` beside the ModelCheckpoint's files (``<run>/
+            checkpoints/`` in a CLI run; after every other callback's end-of-training work, e.g. a ProtoTree's
+            pruning and projection). Runs without a ModelCheckpoint write none.
     """
 
     def __init__(self, figures: bool = True, max_prototypes: int = 200, dirname: str = "figures",
@@ -96,6 +97,7 @@ class Phases(pl.Callback):
         self.saved.append(save_figure(fig, path))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.final_checkpoint:
-            self.final = Path(trainer.default_root_dir) / "checkpoints" / "final.ckpt"
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+        if self.final_checkpoint and folder:
+            self.final = Path(folder) / "final.ckpt"
             trainer.save_checkpoint(self.final)
