@@ -33,3 +33,45 @@ def test_released_checkpoint_reaches_its_manifest_accuracy(name):
             correct += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
             total += len(batch["label"])
     assert abs(correct / total - record["metrics"]["test_acc"]) <= 0.005
+
+
+PROTOTYPE_RELEASES = [n for n in sorted(RELEASED) if "proto" in RELEASED[n]["class_path"].lower()]
+
+
+@pytest.mark.parametrize("name", PROTOTYPE_RELEASES)
+def test_every_released_prototype_is_a_training_patch_with_its_records(name):
+    """What is released is what the recipe ends with: each active prototype is (to 1e-5) the latent patch its
+    records name, from a push-set image of a class it may take, and its boxes and patch are that patch's."""
+    from models.prototypes import crop_patches, receptive_field_boxes
+
+    record = RELEASED[name]
+    model = models.load_pretrained(name)
+    module_name, _, cls_name = record["data"]["class_path"].rpartition(".")
+    data = getattr(importlib.import_module(module_name), cls_name)(**record["data"]["init_args"])
+    data.setup("fit")
+    push_set = data.push_dataloader().dataset
+    active = model.prototype_active().nonzero().squeeze(1)
+    sources = model.prototype_source_index[active]
+    assert (sources >= 0).all(), f"{name}: prototypes {active[sources < 0].tolist()} were never pushed"
+    unique, inverse = torch.unique(sources, return_inverse=True)
+    items = [push_set[int(i)] for i in unique]
+    assert all(int(item["index"]) == int(i) for item, i in zip(items, unique))
+    images = torch.stack([item["image"] for item in items]).float()
+    labels = torch.tensor([int(item["label"]) for item in items])
+    with torch.no_grad(), model.push_latent() as latent:
+        z = latent(images)
+    size = tuple(images.shape[-2:])
+    assert tuple(model.prototype_image_size.tolist()) == size
+    vectors, allowed = model.prototype_tensor().detach(), model.push_classes()
+    positions = model.prototype_position[active]
+    rf = receptive_field_boxes(model.receptive_field(size[0]), model.receptive_field(size[1]), positions)
+    for n, j in enumerate(active.tolist()):
+        r, c = positions[n].tolist()
+        assert torch.allclose(z[inverse[n], :, r, c], vectors[j], atol=1e-5), (name, j)
+        assert allowed is None or bool(allowed[j, labels[inverse[n]]]), (name, j)
+        own = model.push_distance.paired(z[inverse[n]][None].clone(), vectors[j][None])
+        box = model.push_boxes(model.similarity(own), size)
+        assert model.prototype_box[j].tolist() == box[0].tolist(), (name, j)
+        assert model.prototype_rf_box[j].tolist() == rf[n].tolist(), (name, j)
+        patch = crop_patches(images, inverse[n:n + 1], box, model.patch_size)[0]
+        assert (patch.int() - model.prototype_patch[j].int()).abs().max() <= 1, (name, j)
