@@ -234,6 +234,10 @@ class InterpretableClassifier(pl.LightningModule):
         """Whether the data action of `epoch` already ran (a resumed run does not repeat it)."""
         return False
 
+    def final_actions(self) -> tuple[str, ...]:
+        """Data actions after the last epoch, in order (ProtoTree: prune, then project)."""
+        return ()
+
     def run_action(self, action: str, loader: Any, epoch: int) -> Any:
         """Run a data action of the plan (e.g. "push") over `loader`; returns what the action returns."""
         raise ValueError(f"{type(self).__name__} has no training action {action!r}")

@@ -5,8 +5,8 @@ Every family's schedule is a pure function of the Lightning epoch and the model'
 
 * ProtoPNet: warm (add-on + prototypes) / joint (all but the last layer) / last (last layer only), a push
   at the start of the first last-layer epoch after each push epoch, and optionally a pruning;
-* ProtoTree: warm (trunk frozen for `freeze_epochs`) / joint; pruning and the class-constrained projection
-  follow training (`final_actions`, run by the tree's pipeline);
+* ProtoTree: warm (trunk frozen for `freeze_epochs`) / joint, then after training the pruning and the
+  class-constrained projection (`final_actions`);
 * Interpretable CNN: plain (filter loss off for `filter_loss_warmup` epochs) / filter_loss;
 * every other model: one phase, "train".
 
@@ -15,8 +15,10 @@ first batch when Lightning restarts mid-epoch or skips the epoch-start hooks, it
 actions the model has not yet done (`action_done` / `run_action`, e.g. "push" and "prune" on the
 datamodule's push loader), then `enter_phase(plan)`: requires_grad of the parameter groups, learning rates,
 BatchNorm modes. Fit trains in train mode whatever mode the model came in (a released model loads in eval
-mode). At the end of fit it writes ``<run>/checkpoints/final.ckpt``, the model the recipe ends with (the
-file a release is made from).
+mode). At the end of fit it runs `final_actions` (other callbacks may watch them through
+``on_final_actions_start``, ``on_phase_action_end`` and ``on_final_actions_end``, as the tree's evaluation
+does) and writes ``final.ckpt`` beside the run's checkpoints: the model the recipe ends with (the file a
+release is made from).
 """
 from __future__ import annotations
 

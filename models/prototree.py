@@ -80,6 +80,9 @@ class ProtoTree(PrototypeModel):
         patch_size: side of the stored prototype patch images (drawn by the tree rendering).
         upsample_threshold: box of a latent cell = where its bicubically upsampled one-hot mask
             exceeds 1 - upsample_threshold (official 0.98).
+        prune_threshold: after training, prune leaves whose max class probability is <= this (the paper's
+            0.01; it prunes only with more than 100 classes, since max >= 1/K); None = no pruning.
+        project: after training (and pruning), the class-constrained projection on the push data.
         **kwargs: `InterpretableClassifier` arguments (mean, std, optimizer="adamw", weight_decay, ...).
     """
 
@@ -105,6 +108,8 @@ class ProtoTree(PrototypeModel):
         weight_decay: float = 0.0,
         patch_size: int = 32,
         upsample_threshold: float = 0.98,
+        prune_threshold: float | None = 0.01,
+        project: bool = True,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("optimizer", "adamw")
@@ -115,6 +120,8 @@ class ProtoTree(PrototypeModel):
             raise ValueError(f"num_features must be >= 1, got {num_features}")
         if freeze_epochs < 0:
             raise ValueError(f"freeze_epochs must be >= 0, got {freeze_epochs}")
+        if prune_threshold is not None and not 0 <= prune_threshold < 1:
+            raise ValueError(f"prune_threshold must be in [0, 1) (a leaf's max class probability) or None, got {prune_threshold}")
         if not 0.0 < upsample_threshold < 1.0:
             raise ValueError(f"upsample_threshold must be in (0, 1), got {upsample_threshold}")
         self.depth = depth
@@ -293,6 +300,18 @@ class ProtoTree(PrototypeModel):
         """``"warm"`` (the `lr_net` group frozen) while epoch < `freeze_epochs`, then ``"joint"``."""
         epoch = self.current_epoch if epoch is None else epoch
         return EpochPlan("warm" if epoch < self.hparams.freeze_epochs else "joint", epoch)
+
+    def final_actions(self) -> tuple[str, ...]:
+        """After training: "prune" (with `prune_threshold`), then "push" (the projection), as the paper."""
+        hp = self.hparams
+        return (("prune",) if hp.get("prune_threshold", 0.01) is not None else ()) + (("push",) if hp.get("project", True) else ())
+
+    def run_action(self, action: str, loader: Any, epoch: int) -> Any:
+        if action == "prune":
+            return self.prune(self.hparams.get("prune_threshold", 0.01))
+        if action == "push":
+            return self.push(loader, epoch=epoch)
+        return super().run_action(action, loader, epoch)
 
     def enter_phase(self, plan: EpochPlan) -> None:
         frozen = plan.phase == "warm"

@@ -165,6 +165,7 @@ def test_protopnet_schedule_is_consistent_or_rejected(schedule):
 
 
 # ---------------------------------------------------------------------------- ProtoTree schedule
+from models import create_model  # noqa: E402
 from train.trees import ProtoTreePipeline, check_tree_schedule  # noqa: E402
 
 
@@ -185,7 +186,8 @@ def test_prototree_schedule_is_consistent_or_rejected(freeze, milestones, max_ep
 @given(threshold=st.floats(-1, 2) | st.just(float("nan")), explanations=st.integers(-3, 5))
 def test_prototree_pipeline_arguments_accepted_or_rejected(threshold, explanations):
     try:
-        ProtoTreePipeline(pruning_threshold=threshold, num_local_explanations=explanations)
+        ProtoTreePipeline(num_local_explanations=explanations)
+        create_model("prototree_test_resnet", num_classes=3, depth=1, prune_threshold=threshold)
     except ValueError as error:
         assert "\n" not in str(error)
         assert not 0 <= threshold < 1 or explanations < 0

@@ -122,11 +122,11 @@ def pipeline_run(tmp_path_factory):
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
     dm = SyntheticParts(num_classes=4, image_size=64, train_size=16, val_size=8, test_size=12, batch_size=8, seed=0)
-    model = create_model("prototree_test_resnet", num_classes=4, depth=3, lr_net=1e-3)
-    pipeline = ProtoTreePipeline(pruning_threshold=0.3, num_local_explanations=2)
+    model = create_model("prototree_test_resnet", num_classes=4, depth=3, lr_net=1e-3, prune_threshold=0.3)
+    pipeline = ProtoTreePipeline(num_local_explanations=2)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=run / "checkpoints", monitor="val/acc", mode="max")
     fit = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=run, callbacks=[pipeline, checkpoint], accelerator="cpu")
+                     default_root_dir=run, callbacks=[pipeline, checkpoint, Phases(figures=False)], accelerator="cpu")
     fit.fit(model, datamodule=dm)
     return run, dm, model, pipeline, fit
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from explain.viz import log_figure, prototype_gallery, save_figure
@@ -33,7 +34,8 @@ def push_loader(trainer: pl.Trainer) -> DataLoader:
 
 
 class Phases(pl.Callback):
-    """Runs the model's plan each epoch (`model.plan`, `run_action`, `enter_phase`) and writes ``final.ckpt``.
+    """Runs the model's plan each epoch (`model.plan`, `run_action`, `enter_phase`), its `final_actions` after
+    training, and writes ``final.ckpt``.
 
     Added to every run by the CLI. After a push it logs ``push/mean_distance`` and saves a gallery of the new
     patches as ``<run>/figures/prototypes_epoch<e>.png`` (e = the family's epoch of the push); after a
@@ -97,6 +99,27 @@ class Phases(pl.Callback):
         self.saved.append(save_figure(fig, path))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        watchers = [c for c in trainer.callbacks if c is not self]
+
+        def tell(hook: str, *args: Any) -> None:
+            for callback in watchers:
+                if callable(getattr(callback, hook, None)):
+                    getattr(callback, hook)(trainer, pl_module, *args)
+
+        actions = pl_module.final_actions()
+        loader = None
+        if "push" in actions:
+            if hasattr(trainer.datamodule, "push_dataloader"):
+                loader = push_loader(trainer)
+            else:  # fit on bare loaders: nothing to project onto
+                rank_zero_warn(f"{type(pl_module).__name__}: no datamodule with push_dataloader(), so the push after "
+                               "training is skipped")
+                actions = tuple(a for a in actions if a != "push")
+        tell("on_final_actions_start")
+        for action in actions:
+            result = self.results[(trainer.current_epoch, action)] = pl_module.run_action(action, loader, trainer.current_epoch)
+            tell("on_phase_action_end", action, result)
+        tell("on_final_actions_end")
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)
         if self.final_checkpoint and folder:
             self.final = Path(folder) / "final.ckpt"

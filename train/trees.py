@@ -1,9 +1,11 @@
-"""ProtoTree's post-training pipeline as a callback: prune, project, evaluate the routing modes, draw.
+"""ProtoTree's evaluation around its after-training pruning and projection, and its figures.
 
-Nauta et al. (CVPR 2021), section 3.3 and the official prune and project scripts. Declared in a config's ``trainer.callbacks`` list::
+Nauta et al. (CVPR 2021), section 3.3 and the official prune and project scripts. The pruning threshold and the
+projection are the model's (``prune_threshold``, ``project``); the evaluation is declared in a config's
+``trainer.callbacks`` list::
 
     - class_path: train.trees.ProtoTreePipeline
-      init_args: {pruning_threshold: 0.01}
+      init_args: {eval_split: test}
 """
 from __future__ import annotations
 
@@ -74,16 +76,15 @@ def check_tree_schedule(freeze_epochs: int, milestones: list[int], max_epochs: i
 
 
 class ProtoTreePipeline(pl.Callback):
-    """At the end of training: prune, evaluate, project with class constraints, evaluate, render.
+    """Evaluates a ProtoTree around its after-training actions (pruning, projection; declared by the model,
+    `ProtoTree.final_actions`, run by `train.phases.Phases`), then renders it.
 
-    Results go to ``<run>/prototree.json`` and the loggers (``tree/<stage>/<metric>``); the pruned and
-    projected tree is saved as ``<run>/checkpoints/pruned_and_projected.ckpt``; the rendered tree and
-    local explanations of the first test images go to ``<run>/<dirname>/``.
+    The routing modes are evaluated on the trained tree, after the pruning and after the projection. Results go
+    to ``<run>/prototree.json`` and the loggers (``tree/<stage>/<metric>``); the final tree is saved as
+    ``<run>/checkpoints/pruned_and_projected.ckpt``; the rendered tree and local explanations of the first test
+    images go to ``<run>/<dirname>/``.
 
     Args:
-        prune: prune leaves whose max class probability is <= `pruning_threshold`.
-        pruning_threshold: the paper's 0.01 (it only prunes with more than 100 classes, since max >= 1/K).
-        project: class-constrained projection on the datamodule's `push_dataloader()`.
         eval_split: ``"test"`` (as the paper) or ``"val"``.
         source: ``"current"`` (the model at the end of training, as the official script) or ``"best"``
             (load the best checkpoint of the first ModelCheckpoint first).
@@ -96,9 +97,6 @@ class ProtoTreePipeline(pl.Callback):
 
     def __init__(
         self,
-        prune: bool = True,
-        pruning_threshold: float = 0.01,
-        project: bool = True,
         eval_split: Literal["test", "val"] = "test",
         source: Literal["current", "best"] = "current",
         render: bool = True,
@@ -110,11 +108,8 @@ class ProtoTreePipeline(pl.Callback):
             raise ValueError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
         if source not in ("current", "best"):
             raise ValueError(f"source must be 'current' or 'best', got {source!r}")
-        if not 0 <= pruning_threshold < 1:
-            raise ValueError(f"pruning_threshold must be in [0, 1) (a leaf's max class probability), got {pruning_threshold}")
         if num_local_explanations < 0:
             raise ValueError(f"num_local_explanations must be >= 0, got {num_local_explanations}")
-        self.prune, self.pruning_threshold, self.project = prune, pruning_threshold, project
         self.eval_split, self.source, self.render = eval_split, source, render
         self.num_local_explanations, self.dirname, self.test_final_tree = num_local_explanations, dirname, test_final_tree
         self.results: dict[str, Any] = {}
@@ -129,38 +124,43 @@ class ProtoTreePipeline(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise ValueError("ProtoTreePipeline needs a datamodule (for the push and evaluation loaders)")
-        if self.project and not hasattr(datamodule, "push_dataloader"):
-            raise ValueError(f"ProtoTreePipeline(project=True) needs a datamodule with push_dataloader(); "
+        if "push" in pl_module.final_actions() and not hasattr(datamodule, "push_dataloader"):
+            raise ValueError(f"the ProtoTree projects after training and needs a datamodule with push_dataloader(); "
                              f"{type(datamodule).__name__} has none")
         check_tree_schedule(pl_module.hparams.get("freeze_epochs", 0), list(pl_module.hparams.get("milestones") or []),
                             trainer.max_epochs)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        run_dir = Path(trainer.default_root_dir)
-        was_training = pl_module.training
+    def _loader(self, trainer: pl.Trainer) -> Any:
+        return getattr(trainer.datamodule, f"{self.eval_split}_dataloader")()
+
+    def on_final_actions_start(self, trainer: pl.Trainer, pl_module: ProtoTree) -> None:
+        self._was_training = pl_module.training
         pl_module.eval()
         if self.source == "best" and trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
             state = torch.load(trainer.checkpoint_callback.best_model_path, map_location=pl_module.device, weights_only=True)
             pl_module.load_state_dict(state["state_dict"])
-        loader = getattr(datamodule, f"{self.eval_split}_dataloader")()
-        results: dict[str, Any] = {"trained": evaluate_tree(pl_module, loader)}
-        if self.prune:
-            results["removed_nodes"] = pl_module.prune(self.pruning_threshold)
-            results["pruned"] = evaluate_tree(pl_module, loader)
-        if self.project:
-            push = pl_module.push(datamodule.push_dataloader())
-            results["projected_prototypes"] = int(push.found.sum())
-            results["pruned_and_projected" if self.prune else "projected"] = evaluate_tree(pl_module, loader)
-        self.results = results
+        self.results = {"trained": evaluate_tree(pl_module, self._loader(trainer))}
+
+    def on_phase_action_end(self, trainer: pl.Trainer, pl_module: ProtoTree, action: str, result: Any) -> None:
+        pl_module.eval()
+        if action == "prune":
+            self.results["removed_nodes"] = result
+            self.results["pruned"] = evaluate_tree(pl_module, self._loader(trainer))
+        elif action == "push":
+            self.results["projected_prototypes"] = int(result.found.sum())
+            stage = "pruned_and_projected" if "pruned" in self.results else "projected"
+            self.results[stage] = evaluate_tree(pl_module, self._loader(trainer))
+
+    def on_final_actions_end(self, trainer: pl.Trainer, pl_module: ProtoTree) -> None:
+        run_dir = Path(trainer.default_root_dir)
         if trainer.is_global_zero:
-            self._write(trainer, pl_module, run_dir, results)
+            self._write(trainer, pl_module, run_dir, self.results)
         self.checkpoint = run_dir / "checkpoints" / "pruned_and_projected.ckpt"
         trainer.save_checkpoint(self.checkpoint)
         if self.test_final_tree:
             for callback in trainer.checkpoint_callbacks:
                 callback.best_model_path = str(self.checkpoint)
-        pl_module.train(was_training)
+        pl_module.train(self._was_training)
 
     def _write(self, trainer: pl.Trainer, model: ProtoTree, run_dir: Path, results: dict[str, Any]) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
