@@ -192,7 +192,7 @@ def main() -> None:
     with torch.no_grad():
         z = model.latent(data[0]["image"][None].to(device))
         model.push_record(data[0]["image"][None].to(device), torch.zeros(1, dtype=torch.long, device=device),
-                          torch.ones_like(z[:, 0]), 95.0)
+                          torch.ones_like(z[:, 0]))
     kernels_s = time.perf_counter() - t
     runs: dict[str, list] = {"pass": [], "ours": [], "reference": []}
     for r in range(args.rounds):  # rotate the order so that drifts of the machine hit all three alike

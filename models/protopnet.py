@@ -571,5 +571,6 @@ register_pretrained(PretrainedEntry(
     name="protopnet_resnet18.synthparts", class_path="models.protopnet.ProtoPNet",
     dataset="SyntheticParts (10 classes, 64 px)", config="configs/protopnet/synthetic.yaml",
     notes="ResNet-18 cut after layer3, 4 prototypes per class (D = 64), pushed onto the train split, last layer "
-          "optimised after the push; the file carries each prototype's patch, source index and boxes",
+          "optimised, pruned (k = 6, threshold 3: 40 -> 32 prototypes), last layer optimised again; the file "
+          "carries each prototype's patch, source index and boxes",
 ))

@@ -407,6 +407,7 @@ def test_cli_rejects_an_impossible_schedule_before_training(repo_root, tmp_path)
                             cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     # (jsonargparse re-raises it wrapped, with the whole config; the cause is our one line.)
-    line = "ValueError: ProtoPNet schedule: push_start=0 < num_warm_epochs=1: the first push must come after warm-up"
+    line = ("error: ProtoPNet schedule: push_start=0 < num_warm_epochs=1: the first push must come after warm-up "
+            "(IZOO_DEBUG=1 shows the traceback)")
     assert line in result.stderr.splitlines(), result.stderr[-2000:]
     assert "Epoch 0" not in result.stdout + result.stderr and not (tmp_path / "bad").exists()

@@ -85,7 +85,7 @@ class ZooDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
-        augment: str | bool = True,
+        augment: bool | str = True,
         epoch_repeats: int = 1,
     ) -> None:
         super().__init__()
