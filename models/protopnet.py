@@ -286,9 +286,9 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         plan = protopnet_schedule(epoch, hp.num_warm_epochs, hp.push_start, hp.push_every, hp.last_layer_epochs,
                                   hp.num_train_epochs)
         if hp.get("prune_epoch") is not None and epoch == hp.prune_epoch:
-            first_push = next((e for e in range(epoch + 1) if protopnet_schedule(
-                e, hp.num_warm_epochs, hp.push_start, hp.push_every, hp.last_layer_epochs, hp.num_train_epochs).push), None)
-            if plan.phase != "last" or first_push is None or first_push > epoch:
+            # A last-layer epoch always follows a push: those of a push epoch, and those after a bounded
+            # schedule, which ends on a push epoch (check_schedule).
+            if plan.phase != "last":
                 raise ValueError(f"ProtoPNet schedule: prune_epoch={epoch} must be a last-layer epoch after a push "
                                  f"(epoch {epoch} is {plan.phase!r})")
             plan = EpochPlan(plan.phase, plan.epoch, (*plan.actions, "prune"), plan.joint_epochs)

@@ -34,7 +34,7 @@ prototypes: ``prototype_source_index`` (P,) sample index of the source image (-1
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -269,12 +269,3 @@ class PrototypeModel(InterpretableClassifier):
         active = self.prototype_active().to(sim_maps.device)
         k = min(top_k, int(active.sum()))
         return sim_maps.flatten(2).amax(dim=2).masked_fill(~active, float("-inf")).topk(k, dim=1).indices
-
-    def prototype_record(self, j: int) -> dict[str, Any]:
-        """The stored records of prototype `j` as plain values (for views and reports)."""
-        return {
-            "id": j, "class": int(self.prototype_classes[j]), "source_index": int(self.prototype_source_index[j]),
-            "position": self.prototype_position[j].tolist(), "box": self.prototype_box[j].tolist(),
-            "rf_box": self.prototype_rf_box[j].tolist(), "patch": self.prototype_patch[j],
-            "weights": self.prototype_class_connection()[j].detach().cpu(),
-        }

@@ -306,6 +306,16 @@ def _id_table(path: Path, rows: list[tuple[int, list[str]]], known: dict[int, An
     return table
 
 
+def _numbered_names(path: Path, what: str) -> list[str]:
+    """The names of a CUB ``<id> <name>`` file (classes.txt, parts/parts.txt), ids 1..N, in id order."""
+    rows = _read_rows(path, 2, max_split=1)
+    ids = [_parse(path, ln, f[0], int) for ln, f in rows]
+    if sorted(ids) != list(range(1, len(ids) + 1)):
+        raise DataFormatError(f"{path}: {what} ids must be 1..{len(ids)}, got {sorted(ids)[:5]}...")
+    names = dict(zip(ids, (f[1] for _, f in rows)))
+    return [names[i] for i in range(1, len(ids) + 1)]
+
+
 class CUB200(_FileDataModule):
     """CUB-200-2011 from its official folder (``images/``, ``images.txt``, ``parts/`` ...).
 
@@ -352,13 +362,7 @@ class CUB200(_FileDataModule):
 
     def _class_table(self) -> list[str]:
         if self._classes is None:
-            path = self.root / "classes.txt"
-            rows = _read_rows(path, 2, max_split=1)
-            ids = [_parse(path, ln, f[0], int) for ln, f in rows]
-            if sorted(ids) != list(range(1, len(ids) + 1)):
-                raise DataFormatError(f"{path}: class ids must be 1..{len(ids)}, got {sorted(ids)[:5]}...")
-            names = dict(zip(ids, (f[1] for _, f in rows)))
-            self._classes = [names[i] for i in range(1, len(ids) + 1)]
+            self._classes = _numbered_names(self.root / "classes.txt", "class")
         return self._classes
 
     @property
@@ -372,13 +376,7 @@ class CUB200(_FileDataModule):
     @property
     def part_names(self) -> tuple[str, ...]:
         if self._parts is None:
-            path = self.root / "parts" / "parts.txt"
-            rows = _read_rows(path, 2, max_split=1)
-            ids = [_parse(path, ln, f[0], int) for ln, f in rows]
-            if sorted(ids) != list(range(1, len(ids) + 1)):
-                raise DataFormatError(f"{path}: part ids must be 1..{len(ids)}")
-            names = dict(zip(ids, (f[1] for _, f in rows)))
-            self._parts = [names[i] for i in range(1, len(ids) + 1)]
+            self._parts = _numbered_names(self.root / "parts" / "parts.txt", "part")
         return tuple(self._parts)
 
     def _records(self) -> dict[str, dict[str, Any]]:
