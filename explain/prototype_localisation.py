@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from models.activation_boxes import box_of_mask, high_activation_boxes, upsample_maps
 from models.prototype_model import register_localisation
 
-from .prp import _normalisation, prp_relevance
+from .prp import model_normalisation, prp_relevance
 
 __all__ = ["Localisation", "METHODS", "gaussian_blur", "localise_prototypes", "localise_sources", "percentile_boxes"]
 
@@ -135,7 +135,7 @@ def _post_process(grads: Tensor, sigma: float, normalize: bool) -> Tensor:
 def _smoothgrad(model: nn.Module, images: Tensor, ids: Tensor, cells: Tensor, keys: Tensor, *, samples: int = 10,
                 noise: float = 0.2, grad_x_input: bool = True, seed: int = 0) -> Tensor:
     """(N, C, H, W) SmoothGrad of the distances d_ids(cells) in the model's normalised space."""
-    mean, std = _normalisation(model, images.shape[1], images)
+    mean, std = model_normalisation(model, images.shape[1], images)
     normalised = (images - mean) / std
     spread = normalised.flatten(1).amax(1) - normalised.flatten(1).amin(1)  # (N,)
     noises = torch.stack([torch.randn((samples, *images.shape[1:]), generator=_generator(images.device, seed, int(k)),
@@ -212,8 +212,13 @@ def _localise(model: nn.Module, images: Tensor, ids: Tensor, method: str, cells:
               **options: Any) -> Localisation:
     size = tuple(images.shape[-2:])
     b, k = ids.shape
+    unknown = set(options) - _OPTIONS[method]
+    if unknown:
+        raise ValueError(f"localisation method {method!r} takes no option(s) {sorted(unknown)}; its own are {sorted(_OPTIONS[method])}")
+    if method in ("upsampling", "prp"):
+        options.pop("seed", None)  # deterministic
     with _evaluating(model), torch.no_grad():
-        dist = model.distances(images)  # (B, P, h, w)
+        dist = torch.cat([model.distances(part) for part in images.split(batch_size)])  # (B, P, h, w)
         h, w = dist.shape[-2:]
         picked = dist.gather(1, ids[:, :, None, None].expand(b, k, h, w))
         if cells is None:
@@ -221,17 +226,10 @@ def _localise(model: nn.Module, images: Tensor, ids: Tensor, method: str, cells:
             cells = torch.stack([flat // w, flat % w], dim=2)
         cells = torch.as_tensor(cells, device=images.device).long().view(b, k, 2)
         if method == "upsampling":
-            if set(options) - _OPTIONS[method]:
-                raise ValueError(f"upsampling takes no option(s) {sorted(set(options) - _OPTIONS[method])}")
             sims = model.similarity(picked).flatten(0, 1)
             maps = upsample_maps(sims, size).view(b, k, *size)
             boxes = model.push_boxes(sims, size) if source else high_activation_boxes(sims, size, percentile)[0]
             return Localisation(maps, boxes.view(b, k, 4).to(images.device), ids, cells, method)
-    unknown = set(options) - _OPTIONS[method]
-    if unknown:
-        raise ValueError(f"localisation method {method!r} takes no option(s) {sorted(unknown)}; its own are {sorted(_OPTIONS[method])}")
-    if method == "prp":
-        options.pop("seed", None)  # deterministic
     pairs = torch.arange(b, device=images.device).repeat_interleave(k)
     flat_ids = ids.flatten()
     keys = pairs * model.num_prototypes + flat_ids  # one random stream per (image, prototype)

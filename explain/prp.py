@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["prp_relevance", "stabilise"]
+__all__ = ["model_normalisation", "prp_relevance", "stabilise"]
 
 EPSILON = 1e-6
 EPSILON_ZERO = 1e-12
@@ -169,7 +169,7 @@ class _PRPMode(TorchFunctionMode):
                 scale = (a["weight"] if a.get("weight") is not None else torch.ones_like(a["running_var"]))
                 scale = (scale / torch.sqrt(a["running_var"] + a.get("eps", 1e-5))).detach()
                 merged = ca["weight"].detach() * scale.view(-1, *[1] * (ca["weight"].ndim - 1))
-                conv_value = lambda t: func(torch.conv2d(t, *ca_args(ca)), *args[1:], **kwargs)  # noqa: E731
+                conv_value = lambda t: func(torch.conv2d(t, *_conv_args(ca)), *args[1:], **kwargs)  # noqa: E731
                 return self._conv_rule(conv_in, merged, ca, first, conv_value)
             return _Rule.apply(x, value, lambda _, r: r)
         if func is F.linear:
@@ -190,12 +190,12 @@ class _PRPMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def ca_args(ca: dict) -> tuple:
+def _conv_args(ca: dict) -> tuple:
     """Positional arguments of torch.conv2d after the input, from bound arguments."""
     return (ca["weight"], ca.get("bias"), ca.get("stride", 1), ca.get("padding", 0), ca.get("dilation", 1), ca.get("groups", 1))
 
 
-def _normalisation(model: nn.Module, channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
+def model_normalisation(model: nn.Module, channels: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """(mean, std) (1, C, 1, 1) of the model's `normalize` layer (0 and 1 without one)."""
     norm = getattr(model, "normalize", None)
     mean, std = getattr(norm, "mean", None), getattr(norm, "std", None)
@@ -209,7 +209,7 @@ def prp_relevance(model: nn.Module, images: Tensor, prototype_ids: Tensor, cells
     ``cells[i]`` (row, col) on ``images[i]`` ([0, 1] pixels), through ``model.latent`` (a prototype
     model's interface: `latent` and `prototype_tensor`). Relevance 1 is seeded at the cell, as the
     official ``.backward()`` on the pooled similarity; signed, not yet post-processed."""
-    mean, std = _normalisation(model, images.shape[1], images)
+    mean, std = model_normalisation(model, images.shape[1], images)
     low = float(((0 - mean) / std).min())
     high = float(((1 - mean) / std).max())
     x = images.detach().requires_grad_(True)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .prototype_localisation import Localisation, localise_prototypes
-from .prp import _normalisation
+from .prp import model_normalisation
 
 __all__ = ["spearman", "ssim", "reinitialise", "randomisation_steps", "prototype_randomisation", "deletion_masks",
            "prototype_fidelity", "mask_relevance", "energy_relevance"]
@@ -169,7 +169,7 @@ def prototype_fidelity(model: nn.Module, images: Tensor, localisation: Localisat
     """
     images = images.to(model.device).float()
     b, p = localisation.prototypes.shape
-    mean, _ = _normalisation(model, images.shape[1], images)
+    mean, _ = model_normalisation(model, images.shape[1], images)
     ids = localisation.prototypes.to(images.device)
     cells = localisation.cells.to(images.device)
 

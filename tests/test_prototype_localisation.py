@@ -175,13 +175,18 @@ def test_default_selection_is_every_active_prototype(families, images):
         localise_prototypes(model, images, method="prp", samples=3)
 
 
-def test_sources_upsampling_boxes_are_the_stored_records():
+@pytest.fixture(scope="module")
+def pushed():
     torch.manual_seed(0)
     model = GaussianPrototypes().eval()
     data = SyntheticParts(num_classes=3, image_size=32, train_size=12, val_size=3, test_size=3, batch_size=6, seed=0)
     data.setup("fit")
     model.push(data.push_dataloader())
-    dataset = data.push_dataloader().dataset
+    return model, data.push_dataloader().dataset
+
+
+def test_sources_upsampling_boxes_are_the_stored_records(pushed):
+    model, dataset = pushed
     sources = torch.stack([dataset[int(i)]["image"] for i in model.prototype_source_index])
     loc = localise_sources(model, sources)
     assert torch.equal(loc.boxes[:, 0].cpu(), model.prototype_box)
@@ -300,3 +305,40 @@ def test_randomisation_changes_the_maps_of_a_trained_model_not_of_a_constant_one
     # randgrads ignores the model: it fails the check on any model
     out = S.prototype_randomisation(trained, x, torch.tensor([0]), "randgrads", groups=1)
     torch.testing.assert_close(out["spearman"], torch.ones(2, 1, 2))
+
+
+def test_gallery_and_this_looks_like_that_take_the_method(pushed):
+    import matplotlib.pyplot as plt
+
+    from explain import viz
+
+    model, dataset = pushed
+    fig = viz.prototype_gallery(model, source=dataset, localisation="prp")
+    assert sum(ax.get_title().endswith("· prp") for ax in fig.axes) == model.num_prototypes
+    plt.close(fig)
+    image = dataset[0]["image"][None]
+    fig = viz.this_looks_like_that(model, image, top_k=2, localisation="smoothgrad", source=dataset)
+    assert any(ax.get_title() == "smoothgrad map" for ax in fig.axes)
+    loc = localise_prototypes(model, image, model.explain(image, top_k=2).evidence["prototype_ids"], "smoothgrad")
+    drawn = [p for p in fig.axes[0].patches]  # the box on the test image, (x0 - 0.5, y0 - 0.5) and size
+    x0, y0, x1, y1 = loc.boxes[0, 0].tolist()
+    assert drawn[0].get_xy() == (x0 - 0.5, y0 - 0.5) and drawn[0].get_width() == x1 - x0
+    plt.close(fig)
+
+
+def test_sanity_command_writes_the_table(tmp_path):
+    from models.pretrained import save_zoo_checkpoint
+    from train.sanity import COLUMNS, main
+
+    torch.manual_seed(0)
+    model = create_model("protopnet_test_resnet", num_classes=3).eval()
+    data = SyntheticParts(num_classes=3, image_size=32, train_size=6, val_size=3, test_size=3, batch_size=6, seed=0)
+    data.setup("fit")
+    model.push(data.push_dataloader())
+    file = save_zoo_checkpoint(model, tmp_path / "tiny.pt")
+    rows = main(["--checkpoint", f"tiny={file}", "--methods", "upsampling", "randgrads", "--num-images", "2",
+                 "--top-k", "1", "--random-images", "1", "--groups", "1", "--sources", "2", "--out", str(tmp_path / "s.md")])
+    assert [r["method"] for r in rows] == ["upsampling", "randgrads"]
+    assert rows[1]["rand. all"] == 1.0  # randgrads does not depend on the model
+    text = (tmp_path / "s.md").read_text()
+    assert "| ProtoPNet | upsampling |" in text and all(c in text for c, _ in COLUMNS)
