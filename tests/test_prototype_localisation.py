@@ -342,3 +342,14 @@ def test_sanity_command_writes_the_table(tmp_path):
     assert rows[1]["rand. all"] == 1.0  # randgrads does not depend on the model
     text = (tmp_path / "s.md").read_text()
     assert "| ProtoPNet | upsampling |" in text and all(c in text for c, _ in COLUMNS)
+
+
+def test_without_the_residual_sum_rule_relevance_is_counted_twice(families, images, monkeypatch):
+    """The check of spec B.5 (5): autograd alone gives both branches of a residual sum the whole relevance."""
+    import explain.prp as prp
+
+    model = families["protopnet"]
+    ids, cells = torch.tensor([0, 1]), torch.tensor([[0, 0], [1, 1]])
+    monkeypatch.setattr(prp, "_SUMS", set())
+    total = prp_relevance(model, images, ids, cells).flatten(1).sum(1)
+    assert (total > 1.05).all(), total
