@@ -8,7 +8,8 @@ pixels become the zero of the model's normalised space, i.e. the dataset mean co
 Faithfulness: `deletion`, `insertion` (Petsiuk et al. 2018), `road` (Rong et al. 2022), `average_drop`,
 `increase_in_confidence` (Chattopadhyay et al. 2018). Localisation: `pointing_game` (Zhang et al. 2016),
 `energy_pointing_game` (Wang et al. 2020), `relevance_mass`. Sanity: `model_randomisation` (Adebayo et
-al. 2018). Two groups do not fit the per-image signature: `prototype_consistency` / `prototype_stability`
+al. 2018); of prototype maps, `prototype_randomisation`, `prototype_fidelity`, `mask_relevance` and
+`energy_relevance` (Xu-Darme et al. 2023, `explain.sanity_checks`). Two groups do not fit the per-image signature: `prototype_consistency` / `prototype_stability`
 (Huang et al. 2023) score each prototype (P,), and `funnybirds` (Hesse et al. 2023) returns several
 checks at once, some per threshold.
 
@@ -26,15 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from explain import localisation_metrics, perturbation_metrics
+from explain import localisation_metrics, perturbation_metrics, sanity_checks
 from explain.localisation_metrics import *  # noqa: F403 - re-exported
 from explain.perturbation_metrics import *  # noqa: F403 - re-exported
+from explain.sanity_checks import *  # noqa: F403 - re-exported
+from explain.sanity_checks import reinitialise
 from explain.perturbation_metrics import _batched, _check, target_probabilities
 
 __all__ = [
     *perturbation_metrics.__all__,
     *localisation_metrics.__all__,
-    "spearman",
+    *sanity_checks.__all__,
     "randomisation_curve",
     "model_randomisation",
     "FUNNYBIRDS_THRESHOLDS",
@@ -45,22 +48,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- sanity check
-def _average_ranks(x: Tensor) -> Tensor:
-    """Ranks 1..N along dim 1 with ties given their average rank (scipy's rankdata 'average')."""
-    ordered = x.sort(dim=1).values
-    below = torch.searchsorted(ordered, x.contiguous(), right=False)
-    upto = torch.searchsorted(ordered, x.contiguous(), right=True)
-    return (below + upto + 1).to(torch.float64) / 2
-
-
-def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each row of a and b (flattened after dim 0); NaN if one is constant."""
-    ra = _average_ranks(a.flatten(1).double())
-    rb = _average_ranks(b.flatten(1).double())
-    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
-    return ((ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))).float()
-
-
 def _parametrised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules that own parameters, from the output down to the input (registration order reversed)."""
     layers = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
@@ -87,14 +74,7 @@ def randomisation_curve(
     curve, names = [], []
     generator = torch.Generator().manual_seed(seed)
     for name, layer in _parametrised_layers(randomised):
-        with torch.no_grad():
-            if hasattr(layer, "reset_parameters"):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
-                    layer.reset_parameters()
-            else:
-                for p in layer.parameters(recurse=False):
-                    p.copy_(torch.randn(p.shape, generator=generator).to(p) * p.std().clamp_min(1e-3))
+        reinitialise(layer, generator)
         new = explain_fn(randomised, images, target).detach()
         curve.append(spearman(reference, new.abs() if absolute else new))
         names.append(name or type(layer).__name__)

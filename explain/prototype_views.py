@@ -18,6 +18,7 @@ from matplotlib.patches import Rectangle
 
 from models.prototypes import fetch_images
 
+from .prototype_localisation import localise_prototypes, localise_sources
 from .viz import (
     ACTIVATION_COLOR,
     PANEL_SIZE,
@@ -76,7 +77,8 @@ def _source_images(source, indices: Sequence[int]) -> torch.Tensor:
 
 
 def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[str] | None = None, columns: int = 10,
-                      source=None, top_weights: int = 2, maximize_steps: int = 0, maximize_size: int | None = None) -> Figure:
+                      source=None, top_weights: int = 2, maximize_steps: int = 0, maximize_size: int | None = None,
+                      localisation: str = "upsampling") -> Figure:
     """Every stored prototype patch with its class and largest last-layer weights.
 
     Reads only the prototype interface's records (``prototype_patch``, ``prototype_source_index``, the
@@ -86,7 +88,9 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     with the receptive field (cyan) and the high-activation box (yellow). With `maximize_steps` > 0 each
     prototype also gets the image that maximises its similarity (`explain.maximize`, Simonyan et al.'s
     class-model visualisation applied to a prototype), `maximize_size` px square (default: the source
-    images' size, else 64).
+    images' size, else 64). `localisation` other than "upsampling" (see
+    `explain.prototype_localisation`) draws each source image with that method's map of the prototype
+    at its stored position, and that map's box in place of the stored high-activation box.
     """
     records = _prototype_records(model)[:max_prototypes]
     pushed = [r for r in records if r["source"] >= 0]
@@ -94,6 +98,12 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     if source is not None and pushed:
         ids = sorted({r["source"] for r in pushed})
         sources = dict(zip(ids, _source_images(source, ids)))
+    localised = {}
+    if sources and localisation != "upsampling":
+        with _evaluating(model):
+            loc = localise_sources(model, torch.stack([sources[r["source"]] for r in pushed]),
+                                   torch.tensor([r["id"] for r in pushed]), localisation)
+        localised = {r["id"]: (m[0].cpu(), b[0].tolist()) for r, m, b in zip(pushed, loc.maps, loc.boxes)}
     maximized = {}
     if maximize_steps > 0 and records:
         from explain.maximize import maximize, prototype_similarity  # noqa: PLC0415 (maximize imports viz's neighbours)
@@ -124,31 +134,39 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
         if r["source"] in sources:
             src = axes[row, col * per + 1 + extra.index("source")]
             src.axis("on")
-            _show(src, sources[r["source"]], f"source #{r['source']}")
+            if r["id"] in localised:
+                heat, box = localised[r["id"]]
+                _show(src, overlay_heatmap(sources[r["source"]], heat), f"source #{r['source']} · {localisation}")
+            else:
+                box = r["box"]
+                _show(src, sources[r["source"]], f"source #{r['source']}")
             _draw_box(src, r["rf_box"], RF_COLOR)
-            _draw_box(src, r["box"], ACTIVATION_COLOR)
+            _draw_box(src, box, ACTIVATION_COLOR)
         if r["id"] in maximized:
             ax = axes[row, col * per + 1 + extra.index("maximized")]
             ax.axis("on")
             _show(ax, maximized[r["id"]], "maximised")
-    what = "prototype patches" + (" with source images (cyan: receptive field, yellow: high activation)" if sources else "")
+    box = "high activation" if localisation == "upsampling" else f"{localisation} map and its box"
+    what = "prototype patches" + (f" with source images (cyan: receptive field, yellow: {box})" if sources else "")
     what += " and the images that maximise them" if maximized else ""
     return _finish(fig, f"{type(model).__name__}: {len(records)} {what}")
 
 
 def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: int = 0, top_k: int = 5,
-                         class_names: Sequence[str] | None = None, source=None) -> Figure:
+                         class_names: Sequence[str] | None = None, source=None, localisation: str = "upsampling") -> Figure:
     """The local analysis of one image ("this looks like that"): its top-k prototypes, then the class scores.
 
     Row i: the test image with the region most similar to prototype i (yellow box), its similarity
     map, the prototype's patch (and its source image when `source` is given), and similarity x weight
     = contribution to the explained class. The last row sums similarity x weight per class over all
-    prototypes and over the k shown (for a linear last layer, the first is the logit).
+    prototypes and over the k shown (for a linear last layer, the first is the logit). `localisation`
+    other than "upsampling" (`explain.prototype_localisation`) draws that method's maps and boxes, on
+    the test image and on the source images.
     """
     image = images[index] if images.dim() == 4 else images
     if explanation is None:
         with _evaluating(model):
-            explanation = model.explain(image[None].to(model.device), top_k=top_k)
+            explanation = model.explain(image[None].to(model.device), top_k=top_k, localisation=localisation)
         index = 0
     ev = explanation.evidence
     if "prototype_ids" not in ev:
@@ -156,7 +174,15 @@ def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: i
     ids = ev["prototype_ids"][index][:top_k].cpu()
     k = len(ids)
     target = int(explanation.target[index])
+    maps, boxes, source_boxes = ev["activation_map"][index], ev["box"][index], ev["prototype_box"][index]
+    if localisation != ev.get("localisation", "upsampling"):
+        with _evaluating(model):
+            loc = localise_prototypes(model, image[None], ids[None], localisation)
+        maps, boxes = loc.maps[0].cpu(), loc.boxes[0].cpu()
     src = _source_images(source, [int(model.prototype_source_index[j]) for j in ids]) if source is not None else None
+    if src is not None and localisation != "upsampling":
+        with _evaluating(model):
+            source_boxes = localise_sources(model, src, ids, localisation).boxes[:, 0].cpu()
     cols = 4 + (src is not None)
     fig = plt.figure(figsize=(1.9 * cols, 1.9 * (k + 1.3)))
     grid = fig.add_gridspec(k + 1, cols, height_ratios=[1] * k + [1.3])
@@ -166,14 +192,15 @@ def this_looks_like_that(model, images: torch.Tensor, explanation=None, index: i
             ax.set_xticks([])
             ax.set_yticks([])
         _show(axes[0], image, "test image: this ..." if i == 0 else None)
-        _draw_box(axes[0], ev["box"][index, i].tolist())
-        _show(axes[1], overlay_heatmap(image, ev["activation_map"][index, i]), "similarity map" if i == 0 else None)
+        _draw_box(axes[0], boxes[i].tolist())
+        title = "similarity map" if localisation == "upsampling" else f"{localisation} map"
+        _show(axes[1], overlay_heatmap(image, maps[i]), title if i == 0 else None)
         cls = _class_name(int(ev["prototype_class"][index, i]), class_names)
         _show(axes[2], ev["prototype_patch"][index, i], f"... looks like {model.prototype_name(j)} ({cls})")
         if src is not None:
             _show(axes[3], src[i], f"source #{int(model.prototype_source_index[j])}")
             _draw_box(axes[3], ev["prototype_rf_box"][index, i].tolist(), RF_COLOR)
-            _draw_box(axes[3], ev["prototype_box"][index, i].tolist(), ACTIVATION_COLOR)
+            _draw_box(axes[3], source_boxes[i].tolist(), ACTIVATION_COLOR)
         s, w, c = (float(ev[key][index, i]) for key in ("similarity", "weight", "contribution"))
         axes[-1].axis("off")
         axes[-1].text(0.0, 0.5, f"similarity {s:.3f}\n× weight {w:+.3f}\n= {c:+.3f}", fontsize=8, va="center",

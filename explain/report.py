@@ -42,14 +42,16 @@ figcaption { font-size: 0.9em; color: #555; } .note { color: #a40; }
 
 # ----------------------------------------------------------------------------------------- figures
 def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                  class_names: Sequence[str] | None = None, num_images: int = 4) -> list[tuple[str, Any]]:
+                  class_names: Sequence[str] | None = None, num_images: int = 4,
+                  localisation: str = "upsampling") -> list[tuple[str, Any]]:
     """(caption, Figure) pairs for one model: what it learned (from its buffers), then, with images,
     local explanations and example explanations.
 
     What is drawn follows what the model offers, never its class: every prototype model (the prototype
     interface of `models.prototype_model`) gets the gallery, "this looks like that" and the global
     analysis; a tree (``structure()``) its tree and decision path; filter models (``filter_categories()``)
-    their filter parts; any other model its explanations of the top-3 classes.
+    their filter parts; any other model its explanations of the top-3 classes. `localisation` is the
+    method of the prototypes' maps and boxes in "this looks like that" (`explain.prototype_localisation`).
     """
     figures: list[tuple[str, Any]] = []
     examples = images[:num_images] if images is not None else None
@@ -71,8 +73,10 @@ def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: 
         figures.append(("Decision path of the first test image.",
                         viz.tree_path_figure(model, examples[0], explanation, 0, class_names)))
     if prototypes:
+        method = "" if localisation == "upsampling" else f" (maps and boxes: {localisation})"
         figures.append(("This looks like that: the first test image's most similar prototypes and their "
-                        "contributions.", viz.this_looks_like_that(model, examples, index=0, top_k=4, class_names=class_names)))
+                        f"contributions{method}.", viz.this_looks_like_that(model, examples, index=0, top_k=4,
+                                                                             class_names=class_names, localisation=localisation)))
         data = {"image": images, "label": labels}
         figures.append(("Nearest test patches of the first prototypes (red titles: another class).",
                         viz.global_analysis(model, data, prototypes=None, k=4, class_names=class_names, names=("test", ""))))

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import cpu_kernels
 
-__all__ = ["dense_high_activation_boxes", "high_activation_boxes", "upsample_maps"]
+__all__ = ["box_of_mask", "dense_high_activation_boxes", "high_activation_boxes", "upsample_maps"]
 
 # Pixels this close to the threshold may fall on the other side of it in torch's own rounding of the
 # sums: float32, 16 terms whose weights sum to at most 1.375 per axis in absolute value (1.89 in 2-D);
@@ -51,7 +51,7 @@ def _quantile_ranks(n: int, percentile: float) -> tuple[int, int, Tensor]:
     return n - below, n - above, torch.tensor(rank - below, dtype=torch.float32)
 
 
-def _box_of_mask(mask: Tensor) -> Tensor:
+def box_of_mask(mask: Tensor) -> Tensor:
     """(N, H, W) bool, each with some True -> (N, 4) (x0, y0, x1, y1), x1/y1 exclusive."""
     rows, cols = mask.any(dim=2).int(), mask.any(dim=1).int()  # argmax below = first True
     y0, y1 = rows.argmax(dim=1), mask.shape[1] - rows.flip(1).argmax(dim=1)
@@ -70,7 +70,7 @@ def dense_high_activation_boxes(
         up = upsample_maps(part, size)
         # Same linear interpolation between order statistics as np.percentile's default.
         thr = torch.quantile(up.flatten(1), percentile / 100, dim=1)
-        boxes.append(_box_of_mask(up >= thr[:, None, None]))
+        boxes.append(box_of_mask(up >= thr[:, None, None]))
         thresholds.append(thr)
     return torch.cat(boxes), torch.cat(thresholds)
 
@@ -132,4 +132,4 @@ def _redo_boxes(maps: Tensor, size: tuple[int, int], percentile: float) -> tuple
     n = size[0] * size[1]
     picked = np.partition(up.flatten(1).numpy(), [n - k_low, n - k_up], axis=1)
     thr = torch.lerp(torch.from_numpy(picked[:, n - k_low]), torch.from_numpy(picked[:, n - k_up]), weight)
-    return _box_of_mask(up >= thr[:, None, None]), thr
+    return box_of_mask(up >= thr[:, None, None]), thr

@@ -30,11 +30,19 @@ prototypes: ``prototype_source_index`` (P,) sample index of the source image (-1
 ``prototype_box`` (P, 4) receptive-field and high-activation boxes (x0, y0, x1, y1) in the source image,
 ``prototype_patch`` (P, 3, S, S) uint8, ``prototype_image_size`` (2,) (H, W) of the push images and
 ``push_epoch`` (the epoch of the last push, -1 = never).
+
+Every family's ``explain(images, ..., localisation="upsampling", localisation_options=None)`` takes the
+localisation method of its prototype evidence: the default keeps the family's own maps and boxes
+(the bicubically upsampled similarity); any other method registered with `register_localisation`
+(``explain.prototype_localisation`` registers "smoothgrad", "randgrads" and "prp" when imported)
+replaces ``activation_map`` and ``box`` of the evidence. The argument is added to a family's
+``explain`` when the class is defined, so a family writes nothing for it.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+import functools
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -53,10 +61,41 @@ from .prototypes import (
     receptive_field_boxes,
 )
 
-__all__ = ["PrototypeModel", "RECORD_NAMES"]
+__all__ = ["PrototypeModel", "RECORD_NAMES", "register_localisation"]
 
 RECORD_NAMES = ("prototype_source_index", "prototype_position", "prototype_distance", "prototype_rf_box",
                 "prototype_box", "prototype_patch", "prototype_image_size", "push_epoch")
+
+
+# name -> localise(model, images, ids (B, k), **options) -> (maps (B, k, H, W), boxes (B, k, 4))
+_LOCALISATIONS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def register_localisation(name: str, localise: Callable[..., tuple[Tensor, Tensor]]) -> None:
+    """Make `name` a value of every prototype family's ``explain(..., localisation=name)``."""
+    _LOCALISATIONS[name] = localise
+
+
+def _with_localisation(explain: Callable) -> Callable:
+    """A family's ``explain`` with the ``localisation`` argument (see the module docstring)."""
+
+    @functools.wraps(explain)
+    def wrapped(self, images: Tensor, *args: Any, localisation: str = "upsampling",
+                localisation_options: dict[str, Any] | None = None, **kwargs: Any):
+        explanation = explain(self, images, *args, **kwargs)
+        if localisation == "upsampling":
+            return explanation
+        if localisation not in _LOCALISATIONS:
+            raise ValueError(f"unknown localisation {localisation!r}; known: {['upsampling', *_LOCALISATIONS]} "
+                             "(import explain.prototype_localisation for smoothgrad, randgrads and prp)")
+        ev = explanation.evidence
+        ev["activation_map"], ev["box"] = _LOCALISATIONS[localisation](self, images, ev["prototype_ids"],
+                                                                      **(localisation_options or {}))
+        ev["localisation"] = localisation
+        return explanation
+
+    wrapped._localised = True
+    return wrapped
 
 
 class PrototypeModel(InterpretableClassifier):
@@ -68,6 +107,12 @@ class PrototypeModel(InterpretableClassifier):
 
     push_distance: PushDistance = SQUARED_L2
     push_percentile: float = 95.0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        explain = cls.__dict__.get("explain")
+        if explain is not None and not getattr(explain, "_localised", False):
+            cls.explain = _with_localisation(explain)
 
     # ------------------------------------------------------------------ to be provided by a family
     def latent(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract

@@ -164,12 +164,13 @@ def _crafted(folder: Path, marker: Path) -> dict[str, Path]:
 def _entry_points(path: Path, out: Path) -> dict[str, tuple]:
     """Every command-line entry point that reads a checkpoint file: (main, argv)."""
     from models import convert
-    from train import compare, dissect, report
+    from train import compare, dissect, report, sanity
 
     return {
         "train.report": (report.main, [str(path), "--out", str(out), "--data", "none"]),
         "train.compare": (compare.main, ["--checkpoint", str(path), "--num-images", "1", "--out", str(out)]),
         "train.dissect": (dissect.main, ["--model", str(path), "--out", str(out)]),
+        "train.sanity": (sanity.main, ["--checkpoint", str(path), "--num-images", "1", "--out", str(out / "s.md")]),
         "models.convert": (convert.main, [str(path), "--arch", "protopnet", "--out", str(out / "zoo.pt")]),
     }
 

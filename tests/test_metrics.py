@@ -483,9 +483,9 @@ def test_top5_accuracy_keeps_its_own_state_after_a_batch_where_it_equals_top1():
 
 
 def test_metrics_module_re_exports_the_split_modules():
-    from explain import localisation_metrics, perturbation_metrics
+    from explain import localisation_metrics, perturbation_metrics, sanity_checks
 
-    for module in (perturbation_metrics, localisation_metrics):
+    for module in (perturbation_metrics, localisation_metrics, sanity_checks):
         for name in module.__all__:
             assert getattr(M, name) is getattr(module, name) and name in M.__all__, name
-    assert len(M.__all__) == len(set(M.__all__)) == 23
+    assert len(M.__all__) == len(set(M.__all__)) == 31

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from explain.prototype_localisation import METHODS
 from explain.report import model_figures, render_section, write_report
 from models.pretrained import _read as read_checkpoint
 from models.pretrained import load_pretrained
@@ -91,6 +92,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--evaluate", action="store_true", help="evaluate accuracy even when the checkpoint records one")
     p.add_argument("--image-size", type=int, default=None, help="SyntheticParts image size (default: the run's or 64)")
     p.add_argument("--title", default="interpretable-zoo report")
+    p.add_argument("--localisation", default="upsampling", choices=list(METHODS),
+                   help="method of the prototype maps and boxes in 'this looks like that' (explain.prototype_localisation)")
     return p.parse_args(argv)
 
 
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 accuracy[f"evaluated on {n} SyntheticParts test images"] = _accuracy(model, images, labels)
         else:
             note = "No images given (--data none, or not a SyntheticParts run): example explanations are left out."
-        figures = model_figures(model, images, labels, class_names, args.num_images)
+        figures = model_figures(model, images, labels, class_names, args.num_images, localisation=args.localisation)
         sections.append(render_section(name, source, model, accuracy, figures, note))
     path = write_report(sections, args.out, args.title)
     print(f"wrote {path}")
