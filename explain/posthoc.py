@@ -542,3 +542,8 @@ def _intrinsic(model, images, target, layer) -> Tensor:
     if explain is None:
         raise ValueError(f"{type(model).__name__} has no explain(); 'intrinsic' needs a zoo model")
     return explain(images, target).heatmap
+
+
+# ----------------------------------------------------------------------------- methods in their own modules
+# They register themselves through `register_method` when imported (after everything above is defined).
+from explain import lrp  # noqa: E402,F401
