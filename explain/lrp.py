@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from explain.hooks import forward_hooks
 from explain.posthoc import register_method
 from explain.prp import _SUMS, _Rule, _Sum, _epsilon, model_normalisation
 from models.base import IMAGENET_MEAN, IMAGENET_STD
@@ -150,13 +151,9 @@ def batchnorm_pairs(model: nn.Module, images: Tensor) -> list[tuple[tuple[str], 
                 produced[id(output)] = (name, output, output._version)
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (Linear, BatchNorm))]
-    try:
-        with torch.no_grad():
-            model(images[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, hook(n)) for n, m in model.named_modules() if isinstance(m, (Linear, BatchNorm))]
+    with forward_hooks(hooks), torch.no_grad():
+        model(images[:1])
     return [((next(iter(src)),), bn) for bn, src in pairs.items()
             if len(src) == 1 and calls[bn] == 1 and calls[next(iter(src))] == 1]
 

@@ -546,4 +546,4 @@ def _intrinsic(model, images, target, layer) -> Tensor:
 
 # ----------------------------------------------------------------------------- methods in their own modules
 # They register themselves through `register_method` when imported (after everything above is defined).
-from explain import lrp  # noqa: E402,F401
+from explain import fullgrad, guided, lrp  # noqa: E402,F401
