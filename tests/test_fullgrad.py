@@ -10,19 +10,10 @@ from torch import nn
 from explain.fullgrad import fullgrad_decomposition
 from explain.posthoc import attribute
 from models import create_model
-from models.base import Normalize
+from tests.attribution_nets import Normalised, images, randomise_batchnorm
 
 torch.set_num_threads(1)
 
-
-class _Normalised(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.normalize = Normalize()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(self.normalize(x))
 
 
 def _net() -> nn.Module:
@@ -32,16 +23,8 @@ def _net() -> nn.Module:
         nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     )
-    for bn in (net[1], net[5]):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.3, 0.3)
-    return net.eval()
+    return randomise_batchnorm(net).eval()
 
-
-def _images(n=3, size=16):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1))
 
 
 def _complete(model, x, target):
@@ -53,7 +36,7 @@ def _complete(model, x, target):
 
 
 def test_completeness_with_biases_batchnorm_and_normalize():
-    model, x, target = _Normalised(_net()).eval(), _images(), torch.tensor([0, 3, 1])
+    model, x, target = Normalised(_net()).eval(), images(), torch.tensor([0, 3, 1])
     total, logits, terms = _complete(model, x, target)
     assert len(terms) == 4  # conv bias, two BatchNorms, the linear bias
     torch.testing.assert_close(total, logits, rtol=1e-4, atol=1e-5)
@@ -61,11 +44,8 @@ def test_completeness_with_biases_batchnorm_and_normalize():
 
 def test_completeness_on_a_zoo_resnet_with_inplace_residual_sums():
     torch.manual_seed(2)
-    model = create_model("cam_test_resnet", num_classes=3).eval()
-    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.bias.data.uniform_(-0.2, 0.2)
-    total, logits, _ = _complete(model, _images(2, 32), torch.tensor([2, 0]))
+    model = randomise_batchnorm(create_model("cam_test_resnet", num_classes=3), 0.2).eval()
+    total, logits, _ = _complete(model, images(2, 32), torch.tensor([2, 0]))
     torch.testing.assert_close(total, logits, rtol=1e-4, atol=1e-5)
 
 
@@ -102,7 +82,7 @@ def _official(net: nn.Module, image: torch.Tensor, target: int, simple: bool) ->
 
 
 def test_fullgrad_and_simple_maps_equal_the_official_algorithm_per_image():
-    model, x, target = _Normalised(_net()).eval(), _images(), torch.tensor([2, 0, 1])
+    model, x, target = Normalised(_net()).eval(), images(), torch.tensor([2, 0, 1])
     x_norm = model.normalize(x)
     for method, simple in (("fullgrad", False), ("fullgrad_simple", True)):
         ours = attribute(model, x, target, method=method)

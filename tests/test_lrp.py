@@ -16,7 +16,7 @@ from zennit.torchvision import ResNetCanonizer
 from explain.lrp import batchnorm_pairs
 from explain.posthoc import attribute
 from models import create_model
-from models.base import Normalize
+from tests.attribution_nets import Normalised, images, randomise_batchnorm
 from models.backbones import Backbone
 
 torch.set_num_threads(1)
@@ -32,20 +32,6 @@ def _bias_free_net() -> nn.Module:
     ).eval()
 
 
-class _Normalised(nn.Module):
-    """A zoo-style model: images in [0, 1], normalisation as its first layer."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.normalize = Normalize()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(self.normalize(x))
-
-
-def _images(n=3, size=16, seed=1):
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def _zennit_call(net, x, target, composite):
@@ -55,7 +41,7 @@ def _zennit_call(net, x, target, composite):
 
 
 def test_epsilon_rule_conserves_the_target_logit_on_a_bias_free_relu_network():
-    net, x, target = _bias_free_net(), _images(), torch.tensor([0, 2, 3])
+    net, x, target = _bias_free_net(), images(), torch.tensor([0, 2, 3])
     relevance = attribute(net, x, target, method="lrp", rules=ALL_EPSILON, epsilon=1e-9, stabilizer=1e-9)
     with torch.no_grad():
         logits = net(x).gather(1, target[:, None])[:, 0]
@@ -64,7 +50,7 @@ def test_epsilon_rule_conserves_the_target_logit_on_a_bias_free_relu_network():
 
 
 def test_zero_rule_equals_gradient_times_input():
-    net, x, target = _bias_free_net(), _images(), torch.tensor([1, 1, 0])
+    net, x, target = _bias_free_net(), images(), torch.tensor([1, 1, 0])
     ours = attribute(net, x, target, method="lrp", rules={k: "zero" for k in ALL_EPSILON}, stabilizer=1e-12)
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(net(xg).gather(1, target[:, None]).sum(), xg)
@@ -73,7 +59,7 @@ def test_zero_rule_equals_gradient_times_input():
 
 def test_zero_rule_through_the_normalize_layer_is_gradient_times_normalised_input():
     # relevance of x_norm = x_norm * d f / d x_norm = (x - mean) * d f / d x, reported at the raw pixels
-    model, x = _Normalised(_bias_free_net()).eval(), _images()
+    model, x = Normalised(_bias_free_net()).eval(), images()
     ours = attribute(model, x, 2, method="lrp", rules={k: "zero" for k in ALL_EPSILON}, stabilizer=1e-12)
     xg = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(model(xg)[:, 2].sum(), xg)
@@ -87,11 +73,7 @@ def _bn_net_and_merged() -> tuple[nn.Module, nn.Module]:
         nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     )
-    for bn in (bn_net[1], bn_net[4]):
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
+    randomise_batchnorm(bn_net)
     merged = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     with torch.no_grad():
@@ -101,13 +83,13 @@ def _bn_net_and_merged() -> tuple[nn.Module, nn.Module]:
             bias = conv.bias if conv.bias is not None else torch.zeros(len(scale))
             out.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
         merged[6].load_state_dict(bn_net[8].state_dict())
-    return _Normalised(bn_net).eval(), _Normalised(merged).eval()
+    return Normalised(bn_net).eval(), Normalised(merged).eval()
 
 
 @pytest.mark.parametrize("composite", ["epsilon_plus_flat", "epsilon_gamma_box"])
 def test_canonized_batchnorm_network_equals_its_merged_equivalent(composite):
     bn_net, merged = _bn_net_and_merged()
-    x = _images()
+    x = images()
     with torch.no_grad():
         torch.testing.assert_close(bn_net(x), merged(x), rtol=1e-5, atol=1e-6)
     canonized = attribute(bn_net, x, 1, method="lrp", composite=composite)
@@ -135,7 +117,7 @@ class _FunctionalResidual(nn.Module):
 
 
 def test_residual_sum_and_functional_mean_rules_restore_conservation():
-    net, x = _FunctionalResidual().eval(), _images()
+    net, x = _FunctionalResidual().eval(), images()
     with torch.no_grad():
         logits = net(x)[:, 0]
     options = {"rules": ALL_EPSILON, "epsilon": 1e-9, "stabilizer": 1e-9}
@@ -148,7 +130,7 @@ def test_residual_sum_and_functional_mean_rules_restore_conservation():
 def test_equals_zennits_own_call_on_a_torchvision_resnet():
     torch.manual_seed(5)
     net = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=4).eval()
-    x, target = _images(2, 32), torch.tensor([0, 3])
+    x, target = images(2, 32), torch.tensor([0, 3])
     ours = attribute(net, x, target, method="lrp", composite="epsilon_plus_flat")
     ref = _zennit_call(net, x, target, EpsilonPlusFlat(canonizers=[ResNetCanonizer()])).sum(1)
     assert ours.abs().max() > 0
@@ -159,14 +141,12 @@ def test_timm_resnet_equals_zennits_torchvision_call_with_the_same_weights():
     # timm's blocks end in `x += shortcut`, which Zennit's ResNetCanonizer does not rewrite: the sum rule
     # applied here must give what Zennit gives the same network in torchvision's form.
     torch.manual_seed(6)
-    tm = timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=4).eval()
-    for bn in (m for m in tm.modules() if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.uniform_(-0.2, 0.2)
-        bn.running_var.uniform_(0.5, 1.5)
+    tm = randomise_batchnorm(timm.models.resnet.ResNet(timm.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=4), 0.2)
+    tm.eval()
     tv = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=4).eval()
     tv.load_state_dict(tm.state_dict())
-    model = _Normalised(tm).eval()
-    x, target = _images(2, 32), torch.tensor([2, 1])
+    model = Normalised(tm).eval()
+    x, target = images(2, 32), torch.tensor([2, 1])
     ours = attribute(model, x, target, method="lrp", composite="epsilon_gamma_box")
     mean, std = model.normalize.mean, model.normalize.std
     composite = EpsilonGammaBox(low=(0 - mean) / std, high=(1 - mean) / std, canonizers=[ResNetCanonizer()])
@@ -183,7 +163,7 @@ def test_densenet_merges_by_data_flow_and_equals_zennits_own_call():
     net.eval()
     layers = [n for n, m in net.named_modules() if type(m).__name__ == "_DenseLayer"]
     pairs = [(("0.body.0.conv0",), "0.body.0.norm0")] + [((f"{n}.conv1",), f"{n}.norm2") for n in layers]
-    x = _images(1, 32)
+    x = images(1, 32)
     ours = attribute(net, x, 1, method="lrp")
     ref = _zennit_call(net, x, torch.tensor([1]), EpsilonPlusFlat(canonizers=[NamedMergeBatchNorm(pairs)])).sum(1)
     assert torch.isfinite(ours).all() and ours.abs().max() > 0
@@ -194,9 +174,9 @@ def test_densenet_merges_by_data_flow_and_equals_zennits_own_call():
 def test_vgg_style_trunk_and_zoo_model_are_left_unchanged():
     torch.manual_seed(8)
     features = torchvision.models.vgg.make_layers([8, "M", 16, "M"], batch_norm=True)
-    vgg = _Normalised(nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))).eval()
+    vgg = Normalised(nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3))).eval()
     cam = create_model("cam_test_resnet", num_classes=3).eval()
-    x = _images(2, 32)
+    x = images(2, 32)
     for model in (vgg, cam):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         with torch.no_grad():
@@ -212,11 +192,11 @@ def test_vgg_style_trunk_and_zoo_model_are_left_unchanged():
 def test_prototype_models_and_bad_options_get_one_line_errors():
     proto = create_model("protopnet_test_resnet", num_classes=3).eval()
     with pytest.raises(ValueError, match="has no rule for ProtoPNet"):
-        attribute(proto, _images(1, 32), 0, method="lrp")
+        attribute(proto, images(1, 32), 0, method="lrp")
     net = _bias_free_net()
     with pytest.raises(ValueError, match="unknown LRP composite"):
-        attribute(net, _images(1), 0, method="lrp", composite="epsilon_nope")
+        attribute(net, images(1), 0, method="lrp", composite="epsilon_nope")
     with pytest.raises(ValueError, match="LRP rules must map"):
-        attribute(net, _images(1), 0, method="lrp", rules={"conv": "magic"})
+        attribute(net, images(1), 0, method="lrp", rules={"conv": "magic"})
     with pytest.raises(ValueError, match="no first-layer rule"):
-        attribute(net, _images(1), 0, method="lrp", composite="epsilon_plus", rules={"first": "flat"})
+        attribute(net, images(1), 0, method="lrp", composite="epsilon_plus", rules={"first": "flat"})
