@@ -8,6 +8,12 @@ compared, then the table is printed with the speed-up of the batched version.
     python benchmarks/metrics.py            # 4 images, step 1792 (RISE's batched evaluation: 28 steps)
     python benchmarks/metrics.py --quick    # deletion only, 1 image at 64 px, small batch, one process
     python benchmarks/metrics.py --step 224 # RISE's demo step (224 steps per image)
+
+A second table times attribution methods written over a library (images per second, batch 64) against
+the library's own call on the same batch: LRP (EpsilonPlusFlat) against Zennit's ``Gradient`` with
+``ResNetCanonizer``, Guided Grad-CAM and Deconvnet against captum, FullGrad against one plain
+gradient pass (it has no library), on torchvision's ResNet-18 (random weights), where Zennit's
+canonizer fits.
 """
 from __future__ import annotations
 
@@ -92,6 +98,61 @@ def run_variant(args: dict) -> dict:
     return {"seconds": seconds, "peak_mb": _peak_mb(device), "aucs": aucs}
 
 
+def _attribution_calls(model, images, target):
+    """{method: (ours, the library's own call or a plain reference, reference name)}, each -> (B, H, W)."""
+    from captum.attr import Deconvolution, GuidedGradCam, Saliency
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+    from zennit.torchvision import ResNetCanonizer
+
+    from explain.posthoc import attribute
+
+    def zennit_lrp():
+        with Gradient(model, EpsilonPlusFlat(canonizers=[ResNetCanonizer()])) as attributor:
+            seed = torch.nn.functional.one_hot(target, 1000).to(images)
+            return attributor(images, lambda out: seed * out)[1].sum(1)
+
+    ours = lambda method, **kw: lambda: attribute(model, images, target, method=method, **kw)  # noqa: E731
+    gradient = lambda: Saliency(model).attribute(images, target=target, abs=False).sum(1)  # noqa: E731
+    return {
+        "lrp": (ours("lrp"), zennit_lrp, "zennit"),
+        "guided_gradcam": (ours("guided_gradcam", layer="layer4"), lambda: GuidedGradCam(model, model.layer4).attribute(
+            images, target=target, interpolate_mode="bilinear").sum(1), "captum"),
+        "deconvnet": (ours("deconvnet"), lambda: Deconvolution(model).attribute(images, target=target).sum(1), "captum"),
+        "fullgrad": (ours("fullgrad"), gradient, "gradient"),
+        "fullgrad_simple": (ours("fullgrad_simple"), gradient, "gradient"),
+    }
+
+
+def attribution_table(batch: int, size: int, threads: int, device: str) -> None:
+    """Print images/s of each method and of its reference, measured one after the other in this process."""
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model = torchvision.models.resnet18(num_classes=1000).to(device).eval()
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        target = model(images).argmax(1)
+    print(f"\nattribution methods: torchvision ResNet-18 (random weights), {size} px, batch {batch}, device {device}, "
+          f"{threads} CPU thread(s)")
+    print(f"{'method':<16} {'variant':<9} {'time [s]':>9} {'images/s':>9} {'ours/ref':>9} {'max |diff|':>11}")
+    dev = torch.device(device)
+    for method, (ours, reference, name) in _attribution_calls(model, images, target).items():
+        results = {}
+        for variant, fn in (("ours", ours), (name, reference)):
+            fn()  # warm-up
+            _sync(dev)
+            tic = time.perf_counter()
+            out = fn()
+            _sync(dev)
+            results[variant] = (time.perf_counter() - tic, out.detach())
+        diff = float((results["ours"][1] - results[name][1]).abs().max()) if name != "gradient" else float("nan")
+        for variant, (sec, _) in results.items():
+            ratio = results["ours"][0] / results[name][0]
+            print(f"{method:<16} {variant:<9} {sec:>9.2f} {batch / sec:>9.1f} {ratio:>8.2f}x {diff:>11.2e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -100,6 +161,9 @@ def main() -> None:
     p.add_argument("--step", type=int, default=None, help="pixels per step (default 224 * 8)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--attr-batch", type=int, default=None, help="attribution table: batch (default 64; --quick: 2)")
+    p.add_argument("--attr-size", type=int, default=None, help="attribution table: image size (default --size)")
+    p.add_argument("--attr-only", action="store_true", help="only the attribution table")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     a.size = a.size or (64 if a.quick else 224)
@@ -108,7 +172,7 @@ def main() -> None:
     steps = math.ceil(a.size * a.size / common["step"]) + 1
     ctx = mp.get_context("spawn")
     rows = []
-    for metric in ("deletion",) if a.quick else ("deletion", "insertion"):
+    for metric in () if a.attr_only else ("deletion",) if a.quick else ("deletion", "insertion"):
         results = {}
         for variant in ("loop", "batched"):
             if a.quick:  # a smoke run: in this process (peak memory is then not per variant)
@@ -126,6 +190,7 @@ def main() -> None:
     print(f"{'metric':<10} {'variant':<8} {'time [s]':>9} {'img-steps/s':>12} {'peak [MB]':>10} {'speed-up':>9} {'max |dAUC|':>11}")
     for metric, variant, sec, thr, mem, ratio, diff in rows:
         print(f"{metric:<10} {variant:<8} {sec:>9.2f} {thr:>12.1f} {mem:>10.0f} {ratio:>8.2f}x {diff:>11.2e}")
+    attribution_table(a.attr_batch or (2 if a.quick else 64), a.attr_size or a.size, a.threads, a.device)
 
 
 if __name__ == "__main__":

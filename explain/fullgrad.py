@@ -92,8 +92,8 @@ def fullgrad_map(input_term: Tensor, layer_terms: list[Tensor]) -> Tensor:
     size = input_term.shape[-2:]
     cam = _psi(input_term).sum(1)
     for term in layer_terms:
-        if term.ndim == 4:
-            cam = cam + F.interpolate(_psi(term), size=size, mode="bilinear", align_corners=True).sum(1)
+        if term.ndim == 4:  # channel sum before the (linear) upsampling: the same map, C times cheaper
+            cam = cam + F.interpolate(_psi(term).sum(1, keepdim=True), size=size, mode="bilinear", align_corners=True)[:, 0]
     return cam
 
 
