@@ -39,6 +39,9 @@ __all__ = ["fullgrad_decomposition", "fullgrad_map"]
 def _bias(module: nn.Module) -> Tensor | None:
     """The (implicit) bias of a Conv2d, Linear or BatchNorm2d, else None."""
     if isinstance(module, nn.BatchNorm2d):
+        if module.running_mean is None:
+            raise ValueError("FullGrad needs BatchNorm2d layers with running statistics (track_running_stats=True); "
+                             f"{module} normalises with batch statistics")
         weight = module.weight if module.weight is not None else torch.ones_like(module.running_var)
         beta = module.bias if module.bias is not None else torch.zeros_like(module.running_mean)
         return (beta - module.running_mean * weight / torch.sqrt(module.running_var + module.eps)).detach()
