@@ -13,7 +13,7 @@ from zennit.canonizers import NamedMergeBatchNorm
 from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat
 from zennit.torchvision import ResNetCanonizer
 
-from explain.lrp import batchnorm_pairs
+from explain.lrp import RULES, _rule_factories, batchnorm_pairs
 from explain.posthoc import attribute
 from models import create_model
 from tests.attribution_nets import Normalised, images, randomise_batchnorm
@@ -187,6 +187,13 @@ def test_vgg_style_trunk_and_zoo_model_are_left_unchanged():
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
         with torch.no_grad():
             torch.testing.assert_close(model(x), before)
+
+
+def test_every_rule_name_builds_a_zennit_rule():
+    options = {"epsilon": 1e-6, "gamma": 0.25, "stabilizer": 1e-6, "low": 0.0, "high": 1.0}
+    factories = _rule_factories()
+    assert set(factories) == set(RULES)
+    assert all(type(factories[name](options)).__module__ == "zennit.rules" for name in RULES)
 
 
 def test_prototype_models_and_bad_options_get_one_line_errors():
