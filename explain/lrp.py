@@ -201,14 +201,14 @@ def lrp_relevance(model: nn.Module, images: Tensor, target: Tensor, composite, c
     _check_supported(model)
     _, std = model_normalisation(model, images.shape[1], images)
     with torch.no_grad():
-        expected = model(images)
+        expected = model(images[:1])  # a wrong merge changes every image's logits: one is enough to see it
     x = images.detach().clone().requires_grad_(True)
     with composite.context(model):
         with _FunctionalRules() if canonize else contextlib.nullcontext():
             logits = model(x)
-        if not torch.allclose(logits, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())):
+        if not torch.allclose(logits[:1], expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())):
             raise RuntimeError(f"canonizing {type(model).__name__} for LRP changed its output (max |diff| "
-                               f"{float((logits - expected).abs().max()):.3g}); pass canonize=False")
+                               f"{float((logits[:1] - expected).abs().max()):.3g}); pass canonize=False")
         seed = torch.zeros_like(logits).scatter_(1, target[:, None], logits.gather(1, target[:, None]).detach())
         (grad,) = torch.autograd.grad(logits, x, seed)
     return grad * std  # the normalisation's backward divides by std: the relevance of x_norm, at x
