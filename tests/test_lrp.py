@@ -189,6 +189,27 @@ def test_vgg_style_trunk_and_zoo_model_are_left_unchanged():
             torch.testing.assert_close(model(x), before)
 
 
+class _SharedConvOutput(nn.Module):
+    """conv -> BN and conv -> (a second branch): merging the BN into the conv would change the second branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(9)
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 2)
+        randomise_batchnorm(self)
+
+    def forward(self, x):
+        c = self.conv(x)
+        return self.head((torch.relu(self.bn(c)) + c).mean((2, 3)))
+
+
+def test_a_canonization_that_changes_the_logits_is_an_error():
+    net, x = _SharedConvOutput().eval(), images(2)
+    with pytest.raises(RuntimeError, match="changed its output"):
+        attribute(net, x, 0, method="lrp")
+    assert torch.isfinite(attribute(net, x, 0, method="lrp", canonize=False)).all()
+
+
 def test_every_rule_name_builds_a_zennit_rule():
     options = {"epsilon": 1e-6, "gamma": 0.25, "stabilizer": 1e-6, "low": 0.0, "high": 1.0}
     factories = _rule_factories()
