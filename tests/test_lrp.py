@@ -17,7 +17,6 @@ from explain.lrp import RULES, _rule_factories, batchnorm_pairs
 from explain.posthoc import attribute
 from models import create_model
 from tests.attribution_nets import Normalised, images, randomise_batchnorm
-from models.backbones import Backbone
 
 torch.set_num_threads(1)
 ALL_EPSILON = {"first": "epsilon", "conv": "epsilon", "linear": "epsilon"}
@@ -158,11 +157,15 @@ def test_densenet_merges_by_data_flow_and_equals_zennits_own_call():
     # Zennit's SequentialMergeBatchNorm would pair each dense layer's conv2 with the next layer's norm1
     # (which normalises the concatenation). The pairs by DenseNet's structure: conv0 -> norm0 and, in
     # every dense layer, conv1 -> norm2; the other BatchNorms follow a concatenation or an activation.
+    # A small torchvision DenseNet cut as the zoo's trunk cuts DenseNet-121 (features, then a ReLU).
     torch.manual_seed(7)
-    net = nn.Sequential(Backbone("torchvision/densenet121"), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1024, 3))
-    net.eval()
+    dense = torchvision.models.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2)
+    trunk = nn.Sequential(dense.features, nn.ReLU())
+    net = nn.Sequential(trunk, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(dense.classifier.in_features, 3))
+    randomise_batchnorm(net, 0.2).eval()
     layers = [n for n, m in net.named_modules() if type(m).__name__ == "_DenseLayer"]
-    pairs = [(("0.body.0.conv0",), "0.body.0.norm0")] + [((f"{n}.conv1",), f"{n}.norm2") for n in layers]
+    pairs = [(("0.0.conv0",), "0.0.norm0")] + [((f"{n}.conv1",), f"{n}.norm2") for n in layers]
+    assert len(layers) == 4
     x = images(1, 32)
     ours = attribute(net, x, 1, method="lrp")
     ref = _zennit_call(net, x, torch.tensor([1]), EpsilonPlusFlat(canonizers=[NamedMergeBatchNorm(pairs)])).sum(1)
