@@ -18,11 +18,14 @@ import importlib
 import inspect
 import json
 import re
+import sys
 from pathlib import Path
 
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the tables import this checkout's explain/, whatever else is installed
+    sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "docs"
 PACKAGES = ("models", "explain", "train")
 # Pages in this order; every other top-level page joins the "Explanations" section after the method pages.
@@ -60,7 +63,8 @@ def on_config(config):
         {"Explanations and metrics": ["explanations.md", *_pages("methods"), *others]},
         *[page for page in AFTER if (DOCS / page).is_file()],
         {"Notebooks": [f"notebooks/{p.stem}.md" for p in _notebooks()]},
-        {"API reference": ["reference/index.md", *[f"reference/{m}.md" for m in public_modules()]]},
+        {"API reference": ["reference/index.md", *[
+            {package: [f"reference/{m}.md" for m in public_modules() if m.startswith(package + ".")]} for package in PACKAGES]]},
     ]
     return config
 
