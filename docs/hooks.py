@@ -24,8 +24,6 @@ from pathlib import Path
 from mkdocs.structure.files import File, Files
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the tables import this checkout's explain/, whatever else is installed
-    sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "docs"
 PACKAGES = ("models", "explain", "train")
 # Pages in this order; every other top-level page joins the "Explanations" section after the method pages.
@@ -154,7 +152,10 @@ def _options(fn, skip: set[str]) -> str:
 
 
 def _import_explain() -> None:
-    """Import every public explain module, so that every registration has run."""
+    """Import every public explain module of this checkout (whatever else is installed), so that every
+    registration has run. (sys.path is set here: mkdocs restores it after loading the hooks.)"""
+    if str(ROOT) not in sys.path[:1]:
+        sys.path.insert(0, str(ROOT))
     import explain.viz  # noqa: F401 - explain.viz and explain.prototype_views import each other, viz first
 
     for module in public_modules():
