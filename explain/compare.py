@@ -52,6 +52,10 @@ def pointing_tolerance(rule: float | str, width: int) -> float:
     part of the object. A number is used as is. TorchRay's rule is the default because it is the
     definition the published pointing-game figures use and assumes nothing about the resolution the
     tolerance was meant for; pass ``tolerance="scaled"`` to compare small images at the paper's scale.
+
+    Examples:
+        >>> pointing_tolerance("torchray", 64), round(pointing_tolerance("scaled", 64), 2)
+        (15.0, 4.29)
     """
     if rule == "torchray":
         return 15.0

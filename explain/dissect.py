@@ -210,6 +210,7 @@ class Dissection:
 
     @property
     def best_concept(self) -> Tensor:
+        """(C,) index of each unit's concept of highest IoU."""
         return self.iou.argmax(dim=1)
 
     @property
@@ -223,6 +224,7 @@ class Dissection:
         return self.score > self.iou_threshold
 
     def label(self, unit: int) -> str | None:
+        """The concept a unit detects, or None when it detects none."""
         return self.concepts.names[int(self.best_concept[unit])] if self.detectors[unit] else None
 
     def summary(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def pointing_game(
     model: nn.Module | None, images: Tensor, heatmaps: Tensor, target: Tensor | None = None, *,
     masks: Tensor, tolerance: float = 15.0, points: Tensor | None = None,
 ) -> Tensor:
-    """1 where a ground-truth pixel lies strictly within `tolerance` px of the heatmap's maximum, else 0.
+    """Pointing game (Zhang et al. 2016): 1 where a ground-truth pixel lies strictly within `tolerance` px of the heatmap's maximum, else 0.
 
     As TorchRay: hit iff some pixel (u, v) of `masks` (B, H, W) has (u - x)^2 + (v - y)^2 < tolerance^2,
     (x, y) the first argmax (or the given `points` (B, 2) as (x, y)). The paper's score is the mean of
@@ -46,7 +46,7 @@ def pointing_game(
 def energy_pointing_game(
     model: nn.Module | None, images: Tensor, heatmaps: Tensor, target: Tensor | None = None, *, masks: Tensor
 ) -> Tensor:
-    """Share of the min-max normalised map's energy inside `masks` (B, H, W) (Score-CAM's proportion;
+    """Energy pointing game (Wang et al. 2020): share of the min-max normalised map's energy inside `masks` (B, H, W) (Score-CAM's proportion;
     pass the union of the boxes for several instances). A constant map counts as uniform."""
     _check(images, heatmaps)
     energy = _minmax(heatmaps, constant=1.0)

@@ -85,7 +85,7 @@ def model_randomisation(
     model: nn.Module, images: Tensor, heatmaps: Tensor, target: Tensor | None = None, *,
     explain_fn: Callable[[nn.Module, Tensor, Tensor], Tensor], seed: int = 0, absolute: bool = True,
 ) -> Tensor:
-    """Mean Spearman correlation over the cascade of `randomisation_curve` (lower = the explanation
+    """Model randomisation (Adebayo et al. 2018): mean Spearman correlation over the cascade of `randomisation_curve` (lower = the explanation
     depends on the weights, i.e. passes the sanity check); an undefined correlation (constant map)
     counts as 0."""
     curve, _ = randomisation_curve(model, images, heatmaps, target, explain_fn=explain_fn, seed=seed, absolute=absolute)

@@ -146,7 +146,7 @@ def deletion(
     model: nn.Module, images: Tensor, heatmaps: Tensor, target: Tensor | None = None, *,
     step: int | None = None, substrate: str | float | Tensor = "mean", batch_size: int = 64,
 ) -> Tensor:
-    """Deletion AUC (lower = better): probability of `target` (default: the clean image's top-1) while
+    """Deletion AUC (Petsiuk et al. 2018; lower = better): probability of `target` (default: the clean image's top-1) while
     the most relevant pixels are replaced by `substrate`, `step` pixels at a time (default: one image
     row, RISE's 224 at 224 px; RISE's batched evaluation used 8 rows).
 
@@ -162,7 +162,7 @@ def insertion(
     model: nn.Module, images: Tensor, heatmaps: Tensor, target: Tensor | None = None, *,
     step: int | None = None, substrate: str | float | Tensor = "blur", batch_size: int = 64,
 ) -> Tensor:
-    """Insertion AUC (higher = better): start from `substrate` (RISE's blurred image) and paste the
+    """Insertion AUC (Petsiuk et al. 2018; higher = better): start from `substrate` (RISE's blurred image) and paste the
     most relevant pixels back first; same conventions as `deletion`, ties included (equal values are
     pasted back in row-major order, the lower flat index y * W + x first)."""
     return _causal_auc(model, images, heatmaps, target, step, substrate, batch_size, insert=True)
@@ -252,7 +252,7 @@ def road(
     order: str = "morf", fractions: Sequence[float] | None = None, noise: float = 0.01,
     seed: int = 0, batch_size: int = 64,
 ) -> Tensor:
-    """ROAD: mean target probability over `fractions` of pixels removed and linearly imputed.
+    """ROAD (Rong et al. 2022): mean target probability over `fractions` of pixels removed and linearly imputed.
 
     `order` "morf" removes the most relevant pixels first (lower = better), "lerf" the least relevant
     (higher = better); default fractions are the paper's CIFAR-10 runs. Pixels of equal heatmap value
@@ -286,7 +286,7 @@ def _masked_by_map(model: nn.Module, images: Tensor, heatmaps: Tensor) -> Tensor
 
 @torch.no_grad()
 def average_drop(model: nn.Module, images: Tensor, heatmaps: Tensor, target: Tensor | None = None, batch_size: int = 64) -> Tensor:
-    """Per-image term of Average Drop (%): max(0, Y - O) / Y x 100, Y the target probability on the
+    """Per-image term of Average Drop (%) (Chattopadhay et al. 2018): max(0, Y - O) / Y x 100, Y the target probability on the
     image, O on the image multiplied by its min-max scaled map (Grad-CAM++). Lower = better."""
     _check(images, heatmaps)
     y, target = target_probabilities(model, images, target, batch_size)
@@ -296,7 +296,8 @@ def average_drop(model: nn.Module, images: Tensor, heatmaps: Tensor, target: Ten
 
 @torch.no_grad()
 def increase_in_confidence(model: nn.Module, images: Tensor, heatmaps: Tensor, target: Tensor | None = None, batch_size: int = 64) -> Tensor:
-    """Per-image term of Increase in Confidence (%): 100 where O > Y (see `average_drop`). Higher = better."""
+    """Per-image term of Increase in Confidence (%) (Chattopadhay et al. 2018): 100 where O > Y (see
+    `average_drop`). Higher = better."""
     _check(images, heatmaps)
     y, target = target_probabilities(model, images, target, batch_size)
     o, _ = target_probabilities(model, _masked_by_map(model, images, heatmaps), target, batch_size)

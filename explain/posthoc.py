@@ -42,6 +42,7 @@ __all__ = [
     "InferenceModeError",
     "attribute",
     "list_methods",
+    "describe_method",
     "register_method",
     "find_layer",
     "resolve_layer",
@@ -79,6 +80,14 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def describe_method(name: str) -> dict:
+    """A registered method: ``fn`` (its function: docstring and options) and whether it needs autograd
+    (``gradient``) and a ``layer``."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown explanation method {name!r}; choose from {list_methods()}")
+    return {"fn": _METHODS[name], "gradient": name in _GRADIENT_METHODS, "layer": name in _LAYER_METHODS}
+
+
 def attribute(
     model: nn.Module,
     images: Tensor,
@@ -100,6 +109,12 @@ def attribute(
 
     Returns:
         (B, H, W) float heatmap on the images' device, higher = more evidence for the target.
+
+    Examples:
+        >>> from models import create_model
+        >>> model = create_model("cam_test_resnet", num_classes=3).eval()
+        >>> attribute(model, torch.rand(2, 3, 32, 32), target=1, method="gradcam").shape
+        torch.Size([2, 32, 32])
     """
     if method not in _METHODS:
         raise ValueError(f"unknown explanation method {method!r}; choose from {list_methods()}")
@@ -259,7 +274,7 @@ def _chunked(model: nn.Module, what: str) -> Callable[[Tensor], Tensor]:
 # ----------------------------------------------------------------------------- CAM family (native)
 @register_method("gradcam", gradient=True, layer=True)
 def _gradcam(model, images, target, layer) -> Tensor:
-    """Grad-CAM: ReLU(sum_k mean_ij(dy_c/dA_k) A_k), upsampled bilinearly."""
+    """Grad-CAM (Selvaraju et al. 2017): ReLU(sum_k mean_ij(dy_c/dA_k) A_k), upsampled bilinearly."""
     a, g = _activations_and_gradients(model, images, target, layer)
     weights = g.mean(dim=(2, 3), keepdim=True)
     return _upsample(F.relu((weights * a).sum(1)), images.shape[-2:])
@@ -267,7 +282,7 @@ def _gradcam(model, images, target, layer) -> Tensor:
 
 @register_method("gradcampp", gradient=True, layer=True)
 def _gradcampp(model, images, target, layer) -> Tensor:
-    """Grad-CAM++: w_k = sum_ij a_ij ReLU(g_ij), a_ij = g^2 / (2 g^2 + sum_ab A_ab g^3), g = dy_c/dA.
+    """Grad-CAM++ (Chattopadhay et al. 2018): w_k = sum_ij a_ij ReLU(g_ij), a_ij = g^2 / (2 g^2 + sum_ab A_ab g^3), g = dy_c/dA.
 
     The paper differentiates Y = exp(y_c); its closed form makes a_ij depend on powers of g only and
     multiplies every weight by exp(y_c), a positive constant per image that is dropped here (as in
@@ -283,14 +298,14 @@ def _gradcampp(model, images, target, layer) -> Tensor:
 
 @register_method("layercam", gradient=True, layer=True)
 def _layercam(model, images, target, layer) -> Tensor:
-    """Layer-CAM: ReLU(sum_k ReLU(dy_c/dA_k) * A_k) (one layer; no tanh fusion of shallow layers)."""
+    """Layer-CAM (Jiang et al. 2021): ReLU(sum_k ReLU(dy_c/dA_k) * A_k) (one layer; no tanh fusion of shallow layers)."""
     a, g = _activations_and_gradients(model, images, target, layer)
     return _upsample(F.relu((F.relu(g) * a).sum(1)), images.shape[-2:])
 
 
 @register_method("scorecam", layer=True)
 def _scorecam(model, images, target, layer, batch_size: int = 64) -> Tensor:
-    """Score-CAM: ReLU(sum_k p_c(x o H_k) Up(A_k)), H_k = min-max scaled Up(A_k), p_c the softmax.
+    """Score-CAM (Wang et al. 2020): ReLU(sum_k p_c(x o H_k) Up(A_k)), H_k = min-max scaled Up(A_k), p_c the softmax.
 
     As in the official code: the mask multiplies the *normalised* input (so masked-out pixels become
     the mean colour, `baseline_colour`), constant channels get weight 0, and the upsampled maps are
@@ -439,7 +454,7 @@ def _smoothgrad(
 
 @register_method("input_x_gradient", gradient=True)
 def _input_x_gradient(model, images, target, layer) -> Tensor:
-    """Gradient x input, summed over channels."""
+    """Gradient x input (Shrikumar et al. 2016), summed over channels."""
     return _captum().InputXGradient(model).attribute(images, target=target).sum(dim=1)
 
 
@@ -447,9 +462,10 @@ def _input_x_gradient(model, images, target, layer) -> Tensor:
 def _integrated_gradients(
     model, images, target, layer, baselines: Tensor | float = 0.0, n_steps: int = 50, batch_size: int | None = None
 ) -> Tensor:
-    """Integrated gradients (captum, Gauss-Legendre, `n_steps`), summed over channels; default
-    baseline 0 (a black image for zoo models). `batch_size` = captum's internal_batch_size (None = all
-    steps of all images in one pass), halved on out-of-memory down to one step per pass."""
+    """Integrated gradients (Sundararajan et al. 2017; captum, Gauss-Legendre, `n_steps`), summed over
+    channels; default baseline 0 (a black image for zoo models). `batch_size` = captum's
+    internal_batch_size (None = all steps of all images in one pass), halved on out-of-memory down to
+    one step per pass."""
     ig = _captum().IntegratedGradients(model)
     everything = n_steps * len(images)
 
@@ -464,20 +480,20 @@ def _integrated_gradients(
 
 @register_method("guided_backprop", gradient=True)
 def _guided_backprop(model, images, target, layer) -> Tensor:
-    """Guided backpropagation (captum; needs nn.ReLU modules), summed over channels."""
+    """Guided backpropagation (Springenberg et al. 2015; captum; needs nn.ReLU modules), summed over channels."""
     return _captum().GuidedBackprop(model).attribute(images, target=target).sum(dim=1)
 
 
 @register_method("deeplift", gradient=True)
 def _deeplift(model, images, target, layer, baselines: Tensor | float = 0.0) -> Tensor:
-    """DeepLIFT rescale rule (captum), summed over channels. captum needs one nn.ReLU module per use
+    """DeepLIFT rescale rule (Shrikumar et al. 2017; captum), summed over channels. captum needs one nn.ReLU module per use
     (a ReLU module called twice, as in torchvision's ResNet blocks, gives wrong maps)."""
     return _captum().DeepLift(model).attribute(images, baselines=baselines, target=target).sum(dim=1)
 
 
 @register_method("occlusion")
 def _occlusion(model, images, target, layer, window: int | None = None, stride: int | None = None, batch_size: int = 64) -> Tensor:
-    """Occlusion (captum): a `window` square (default H/8) slid by `stride` (default window/2),
+    """Occlusion (Zeiler and Fergus 2014; captum): a `window` square (default H/8) slid by `stride` (default window/2),
     filled with the mean colour; the change of the target logit, averaged over channels."""
     channels, height = images.shape[1], images.shape[2]
     window = window or max(1, height // 8)
@@ -511,7 +527,7 @@ def _lime_image_kernel(original, perturbed, interpretable: Tensor, **_) -> float
 
 @register_method("lime")
 def _lime(model, images, target, layer, cells: int = 8, n_samples: int = 256, batch_size: int = 64, seed: int = 0) -> Tensor:
-    """LIME (captum) on a `cells` x `cells` grid of superpixels, switched off to the mean colour.
+    """LIME (Ribeiro et al. 2016; captum) on a `cells` x `cells` grid of superpixels, switched off to the mean colour.
 
     Surrogate and kernel follow lime_image rather than captum's defaults: ridge regression
     (alpha = 1) weighted by `_lime_image_kernel`.
@@ -528,7 +544,7 @@ def _lime(model, images, target, layer, cells: int = 8, n_samples: int = 256, ba
 
 @register_method("kernel_shap")
 def _kernel_shap(model, images, target, layer, cells: int = 8, n_samples: int = 256, batch_size: int = 64, seed: int = 0) -> Tensor:
-    """Kernel SHAP (captum) on a `cells` x `cells` grid of superpixels, switched off to the mean colour."""
+    """Kernel SHAP (Lundberg and Lee 2017; captum) on a `cells` x `cells` grid of superpixels, switched off to the mean colour."""
     with torch.random.fork_rng(devices=[images.device] if images.is_cuda else []):
         torch.manual_seed(seed)
         return _superpixel_method("KernelShap", model, images, target, cells, n_samples, batch_size)

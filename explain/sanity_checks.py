@@ -41,7 +41,12 @@ def _average_ranks(x: Tensor) -> Tensor:
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
-    """Spearman rank correlation of each row of a and b (flattened after dim 0); NaN if one is constant."""
+    """Spearman rank correlation of each row of a and b (flattened after dim 0); NaN if one is constant.
+
+    Examples:
+        >>> spearman(torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]), torch.tensor([[10.0, 20.0, 30.0], [3.0, 2.0, 1.0]])).tolist()
+        [1.0, -1.0]
+    """
     ra = _average_ranks(a.flatten(1).double())
     rb = _average_ranks(b.flatten(1).double())
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
@@ -120,7 +125,7 @@ def prototype_randomisation(
     groups: int | None = None, seed: int = 0, randomise_prototypes: bool = True, reference: Localisation | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Cascading randomisation of a prototype model, compared map by map with the original.
+    """Cascading randomisation of a prototype model (Xu-Darme et al. 2023), compared map by map with the original.
 
     The prototypes of every image (`prototypes`, as `localise_prototypes`) and the method's options
     stay fixed; the cells are each model's own closest cells. Without `randomise_prototypes` the cascade
@@ -162,7 +167,7 @@ def deletion_masks(maps: Tensor, area: float) -> Tensor:
 @torch.no_grad()
 def prototype_fidelity(model: nn.Module, images: Tensor, localisation: Localisation, *,
                        areas: Sequence[float] = FIDELITY_AREAS, batch_size: int = 64) -> Tensor:
-    """(B, P, A) similarity at the closest cell after deleting the top-`area` pixels of each map, over the
+    """Prototype fidelity (Xu-Darme et al. 2023): (B, P, A) similarity at the closest cell after deleting the top-`area` pixels of each map, over the
     similarity before (lower = more faithful; NaN where the similarity before is not positive).
 
     Deleted pixels take the model's mean colour (``model.normalize.mean``: 0 in normalised space).
@@ -203,7 +208,8 @@ def prototype_fidelity(model: nn.Module, images: Tensor, localisation: Localisat
 
 
 def mask_relevance(maps: Tensor, masks: Tensor, areas: Sequence[float] = (0.05,)) -> Tensor:
-    """(B, P, A) share of the top-`area` pixels of each map (B, P, H, W) inside the mask (B, H, W) of its image."""
+    """Mask relevance (Xu-Darme et al. 2023): (B, P, A) share of the top-`area` pixels of each map
+    (B, P, H, W) inside the mask (B, H, W) of its image."""
     inside = masks.bool()[:, None].to(maps.device)
     out = []
     for area in areas:
@@ -213,7 +219,8 @@ def mask_relevance(maps: Tensor, masks: Tensor, areas: Sequence[float] = (0.05,)
 
 
 def energy_relevance(maps: Tensor, masks: Tensor) -> Tensor:
-    """(B, P) sum of the map inside the mask of its image over the map's total (maps are non-negative)."""
+    """Energy relevance (Xu-Darme et al. 2023): (B, P) sum of the map inside the mask of its image over
+    the map's total (maps are non-negative)."""
     maps = maps.clamp_min(0)
     inside = (maps * masks[:, None].to(maps)).flatten(2).sum(2)
     total = maps.flatten(2).sum(2)

@@ -52,7 +52,14 @@ def _quantile_ranks(n: int, percentile: float) -> tuple[int, int, Tensor]:
 
 
 def box_of_mask(mask: Tensor) -> Tensor:
-    """(N, H, W) bool, each with some True -> (N, 4) (x0, y0, x1, y1), x1/y1 exclusive."""
+    """(N, H, W) bool, each with some True -> (N, 4) (x0, y0, x1, y1), x1/y1 exclusive.
+
+    Examples:
+        >>> mask = torch.zeros(1, 5, 6, dtype=torch.bool)
+        >>> mask[0, 1:3, 2:5] = True
+        >>> box_of_mask(mask).tolist()
+        [[2, 1, 5, 3]]
+    """
     rows, cols = mask.any(dim=2).int(), mask.any(dim=1).int()  # argmax below = first True
     y0, y1 = rows.argmax(dim=1), mask.shape[1] - rows.flip(1).argmax(dim=1)
     x0, x1 = cols.argmax(dim=1), mask.shape[2] - cols.flip(1).argmax(dim=1)

@@ -58,6 +58,7 @@ class Explanation:
 
     @property
     def prediction(self) -> Tensor:
+        """(B,) the predicted class of each image (argmax of the logits)."""
         return self.logits.argmax(dim=1)
 
 
@@ -164,7 +165,9 @@ class InterpretableClassifier(pl.LightningModule):
             with cuDNN/oneDNN, above all under mixed precision); same results up to float rounding.
         compile_backbone: `torch.compile` the trunk (`speed_module`) in place: state-dict keys
             and checkpoints stay the same; where it fails, a warning and eager execution.
-        Both are applied by `apply_speed_options` (called by every Trainer entry point).
+
+    `channels_last` and `compile_backbone` are applied by `apply_speed_options` (called by every Trainer
+    entry point).
     """
 
     def __init__(
@@ -210,6 +213,8 @@ class InterpretableClassifier(pl.LightningModule):
         raise NotImplementedError
 
     def explain(self, images: Tensor, target: Tensor | None = None) -> Explanation:  # pragma: no cover
+        """The model's own explanation of `target` (default: the prediction) for images (B, 3, H, W) in [0, 1]:
+        logits, target, a (B, H, W) heatmap at input resolution and the family's evidence."""
         raise NotImplementedError
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:

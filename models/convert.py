@@ -494,6 +494,8 @@ def convert_checkpoint(path: str | Path, arch: str, out: str | Path, backbone: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line ``python -m models.convert``: convert an official checkpoint into a zoo file; returns the
+    exit status."""
     parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="official .pth file (ProtoTree: model.pth, tree.pkl or their directory)")
     parser.add_argument("--arch", required=True, choices=sorted(_CONVERTERS))

@@ -44,6 +44,8 @@ class PlainClassifier(InterpretableClassifier):
         return {"backbone": [p for p in self.net.parameters() if id(p) not in head_ids], "head": list(head.parameters())}
 
     def explain(self, images: Tensor, target: Tensor | int | None = None) -> Explanation:
+        """A plain classifier explains nothing by itself: raises NotImplementedError (use
+        `explain.posthoc.attribute`)."""
         raise NotImplementedError(
             "a plain classifier has no explanation of its own; use explain.posthoc.attribute(model, images, method=...)"
         )

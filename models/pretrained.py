@@ -94,6 +94,7 @@ class PretrainedEntry:
 
     @property
     def tag(self) -> str:
+        """The part of the name after the builder (``synthparts``)."""
         return self.name.partition(".")[2]
 
     @property
@@ -103,19 +104,23 @@ class PretrainedEntry:
 
     @property
     def file(self) -> Path | None:
+        """The released file in ``checkpoints/`` (None if the manifest names none)."""
         rel = self.manifest.get("file")
         return CHECKPOINT_DIR / rel if rel else None
 
     @property
     def config_file(self) -> Path:
+        """The recipe's YAML file (package data of ``configs``)."""
         return config_file(self.config)
 
     @property
     def sha256(self) -> str | None:
+        """The recorded sha256 of the released file."""
         return self.manifest.get("sha256")
 
     @property
     def metrics(self) -> dict[str, float]:
+        """The recorded metrics (``test_acc``: accuracy on the recipe's test split)."""
         return self.manifest.get("metrics", {})
 
 
@@ -153,7 +158,12 @@ def pretrained_tags(builder: str) -> list[str]:
 
 
 def list_pretrained(print_table: bool = False) -> list[str]:
-    """Names of the declared pretrained checkpoints; optionally print them as a table."""
+    """Names of the declared pretrained checkpoints; optionally print them as a table.
+
+    Examples:
+        >>> "protopnet_resnet18.synthparts" in list_pretrained()
+        True
+    """
     names = sorted(_ENTRIES)
     if print_table:
         rows = []
@@ -170,6 +180,7 @@ def list_pretrained(print_table: bool = False) -> list[str]:
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in `chunk`-byte blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):

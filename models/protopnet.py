@@ -170,6 +170,7 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
     # ------------------------------------------------------------------------------ properties
     @property
     def num_prototypes(self) -> int:
+        """P, pruned prototypes included."""
         return self.prototype_vectors.shape[0]
 
     @property
@@ -214,6 +215,7 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
             yield latent
 
     def logits_from_distances(self, min_distances: Tensor) -> Tensor:
+        """(B, K) logits from min distances (B, P): similarity, pruned prototypes masked, last layer."""
         sims = similarity(min_distances, self.similarity_kind)
         return self.last_layer(sims * self.prototype_mask)  # pruned prototypes contribute nothing
 
@@ -314,6 +316,7 @@ class ProtoPNet(SimilarityCacheMixin, PrototypeModel):
         return hp.num_train_epochs + pushes * hp.last_layer_epochs
 
     def phase_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The parts the training phases freeze and unfreeze, by name."""
         return {"backbone": self.backbone, "add_on": self.add_on, "prototypes": self.prototype_vectors,
                 "last_layer": self.last_layer}
 

@@ -66,6 +66,7 @@ class SimilarityCacheMixin:
         return self.similarity_cache is not None and self._cache_key == self._current_cache_key()
 
     def invalidate_similarity_cache(self) -> None:
+        """Drop the cached similarities (they no longer match the network)."""
         self.similarity_cache, self._cache_key = None, None
 
     @torch.no_grad()
@@ -97,6 +98,7 @@ class SimilarityCacheMixin:
         return cache
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Leave the images on the host in a cached last-layer epoch (it reads only labels and indices)."""
         # A cached epoch reads only labels and indices: do not copy the images to the device.
         if self._use_cache and self.training and isinstance(batch, dict) and "index" in batch:
             return {key: value for key, value in batch.items() if key != "image"}

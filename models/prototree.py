@@ -572,6 +572,7 @@ class ProtoTreeEnsemble(nn.Module):
 
     @classmethod
     def from_checkpoints(cls, paths: list[str], map_location: str = "cpu") -> "ProtoTreeEnsemble":
+        """An ensemble of the trees in Lightning checkpoints (weights only)."""
         return cls([ProtoTree.load_from_checkpoint(p, map_location=map_location, weights_only=True) for p in paths])
 
     def forward(self, images: Tensor, mode: Mode = "distributed") -> Tensor:

@@ -69,6 +69,7 @@ class TreeStructure:
 
     @property
     def num_internal(self) -> int:
+        """Number of internal (decision) nodes, 2^depth - 1."""
         return 2**self.depth - 1
 
 

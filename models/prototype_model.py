@@ -116,24 +116,31 @@ class PrototypeModel(InterpretableClassifier):
 
     # ------------------------------------------------------------------ to be provided by a family
     def latent(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """(B, D, h, w) latent maps of images (B, 3, H, W) in [0, 1]."""
         raise NotImplementedError
 
     def prototype_tensor(self) -> Tensor:  # pragma: no cover - abstract
+        """(P, D) prototype vectors, in interface order."""
         raise NotImplementedError
 
     def assign_prototypes(self, ids: Tensor, vectors: Tensor) -> None:  # pragma: no cover - abstract
+        """Overwrite the vectors (n, D) of prototypes `ids` (n,) (the push)."""
         raise NotImplementedError
 
     def distances(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """(B, P, h, w) the family's distance of every latent patch to every prototype (lower = closer)."""
         raise NotImplementedError
 
     def similarity(self, distances: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """The family's similarity of distances (higher = more similar), elementwise."""
         raise NotImplementedError
 
     def prototype_class_connection(self) -> Tensor:  # pragma: no cover - abstract
+        """(P, K) how each prototype votes for each class (weights, or 0/1)."""
         raise NotImplementedError
 
     def prototype_active(self) -> Tensor:  # pragma: no cover - abstract
+        """(P,) bool: prototypes in use (not pruned, not bypassed)."""
         raise NotImplementedError
 
     def push_classes(self) -> Tensor | None:
@@ -164,10 +171,12 @@ class PrototypeModel(InterpretableClassifier):
     # ------------------------------------------------------------------ shared
     @property
     def num_prototypes(self) -> int:
+        """P, the number of prototype records."""
         return int(self.prototype_source_index.shape[0])
 
     @property
     def patch_size(self) -> int:
+        """Side S of the stored prototype patches (P, 3, S, S)."""
         return int(self.prototype_patch.shape[-1])
 
     def similarity_maps(self, images: Tensor) -> Tensor:

@@ -111,9 +111,11 @@ class PushDistance:
     """
 
     def maps(self, latent: Tensor, prototypes: Tensor) -> Tensor:
+        """(B, P, h, w) distances of latent (B, D, h, w) to prototypes (P, D)."""
         return l2_distances(latent, prototypes)
 
     def paired(self, latents: Tensor, prototypes: Tensor) -> Tensor:
+        """(n, h, w) distances of latent i (n, D, h, w) to prototype i (n, D); may overwrite `latents`."""
         # In place: no more (n, D, h, w) buffers than the copy the caller made.
         return latents.sub_(prototypes[:, :, None, None]).square_().sum(dim=1)
 

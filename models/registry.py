@@ -21,11 +21,17 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered model names matching a shell-style pattern, sorted."""
+    """Registered model names matching a shell-style pattern, sorted.
+
+    Examples:
+        >>> list_models("cam_*")[:2]
+        ['cam_resnet18', 'cam_resnet50']
+    """
     return sorted(n for n in _MODEL_BUILDERS if fnmatch.fnmatch(n, pattern))
 
 
 def is_model(name: str) -> bool:
+    """Whether `name` is a registered builder (``is_model("protopnet_resnet34")`` is True)."""
     return name in _MODEL_BUILDERS
 
 
@@ -45,6 +51,12 @@ def create_model(name: str, pretrained: bool | str = False, **kwargs) -> nn.Modu
     ``<name>.synthparts``) or True for the builder's default tag, the first one declared. The model is
     then the released one in eval mode (`models.load_pretrained`), with `kwargs` replacing its recorded
     constructor arguments; ones that change the architecture fail with a `CheckpointError`.
+
+    Examples:
+        >>> import torch
+        >>> model = create_model("cam_test_resnet", num_classes=3).eval()
+        >>> model(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 3])
     """
     build = builder_of(name)
     if not pretrained:

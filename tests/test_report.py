@@ -3,8 +3,6 @@ images, and, where Chromium is installed, every image decoding in a real headles
 import base64
 import io
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from browser import CHROMIUM, SKIP_REASON, chromium, images_loaded
 from train.report import main
 from models import CheckpointError, create_model, save_zoo_checkpoint
 from train.data import SyntheticParts
@@ -152,37 +151,16 @@ def test_the_released_cam_checkpoint_by_name(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ headless Chromium
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-if CHROMIUM is None and Path("/usr/bin/chromium").is_file():
-    CHROMIUM = "/usr/bin/chromium"
-
-
-def _chromium(tmp_path: Path, *args: str) -> str:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]
-    done = subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-def _loaded(tmp_path: Path, page: Path) -> tuple[int, int]:
-    dom = _chromium(tmp_path, "--dump-dom", page.as_uri())
-    found = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
-    assert found, "the page's image check did not run: " + dom[-500:]
-    return int(found.group(1)), int(found.group(2))
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium; .ci/run does)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_every_image_loads_in_headless_chromium_and_the_page_is_not_blank(report, tmp_path):
     total = report.read_text().count("<img ")
-    assert _loaded(tmp_path, report) == (total, total)
+    assert images_loaded(tmp_path, report) == (total, total)
     # The check can fail: a copy with one broken link reports it.
     broken = tmp_path / "broken.html"
     broken.write_text(report.read_text().replace("</section>", '<img src="missing.png" alt="x"></section>', 1))
-    assert _loaded(tmp_path, broken) == (total, total + 1)
+    assert images_loaded(tmp_path, broken) == (total, total + 1)
     shot = tmp_path / "shot.png"
-    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars", report.as_uri())
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars", report.as_uri())
     pixels = plt.imread(shot)[..., :3]
     assert pixels.shape[:2] == (1600, 1200)
     not_white = (pixels < 0.9).any(axis=2).mean()

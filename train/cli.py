@@ -116,6 +116,7 @@ class ZooCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 
     def after_fit(self) -> None:
+        """Test the best checkpoint after ``fit`` (``--test_after_fit false`` skips it)."""
         cfg = self.config[self.subcommand]
         if not cfg.get("test_after_fit") or self.trainer.fast_dev_run:
             return

@@ -156,6 +156,7 @@ class SyntheticPartsDataset(Dataset):
 
     @property
     def labels(self) -> np.ndarray:
+        """(N,) int64 class of every sample, without rendering the images."""
         return np.array([self.generator.label_of(i) for i in range(self.size)], dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -232,10 +233,12 @@ class SyntheticParts(ZooDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes K of the generator."""
         return self.generator.num_classes
 
     @property
     def class_names(self) -> list[str]:
+        """Class names, one per class index."""
         return self.generator.class_names
 
     @property

@@ -106,10 +106,12 @@ class ZooDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes K (a subclass provides it)."""
         raise NotImplementedError
 
     @property
     def class_names(self) -> list[str]:
+        """Class names, one per class index (a subclass provides them)."""
         raise NotImplementedError
 
     @property
@@ -128,18 +130,22 @@ class ZooDataModule(pl.LightningDataModule):
 
     @property
     def train_dataset(self) -> Dataset:
+        """The training split."""
         return self.dataset("train")
 
     @property
     def val_dataset(self) -> Dataset:
+        """The validation split."""
         return self.dataset("val")
 
     @property
     def test_dataset(self) -> Dataset:
+        """The test split."""
         return self.dataset("test")
 
     @property
     def push_dataset(self) -> Dataset:
+        """The push split: training images without augmentation."""
         return self.dataset("push")
 
     def setup(self, stage: str | None = None) -> None:

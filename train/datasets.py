@@ -367,10 +367,12 @@ class CUB200(_FileDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes K."""
         return len(self._class_table())
 
     @property
     def class_names(self) -> list[str]:
+        """Class names, one per class index."""
         return list(self._class_table())
 
     @property
@@ -538,6 +540,7 @@ class ImageFolderData(_FileDataModule):
 
     @property
     def class_names(self) -> list[str]:
+        """Class names, one per class index."""
         names = _list_class_dirs(self.root / "train" if self.split_layout else self.root)
         if not names:
             raise DataFormatError(f"{self.root}: no class sub-folders found")
@@ -545,6 +548,7 @@ class ImageFolderData(_FileDataModule):
 
     @property
     def num_classes(self) -> int:
+        """Number of classes K."""
         return len(self.class_names)
 
     def _records(self) -> dict[str, dict[str, Any]]:

@@ -51,6 +51,7 @@ class EpochShuffleSampler(Sampler[int]):
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch whose order the sampler draws (and where a resumed epoch continues)."""
         # A checkpoint saved after the last batch of epoch e says "e, all batches done"; Lightning
         # resumes it straight into epoch e + 1, whose batches must not be skipped.
         if int(epoch) != self.epoch:

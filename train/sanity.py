@@ -90,6 +90,7 @@ def sanity_rows(name: str, model, data: dict, methods: Sequence[str], top_k: int
 
 
 def to_markdown(rows: list[dict]) -> str:
+    """The rows of `sanity_rows` as a Markdown table and the legend of its columns."""
     header = ["family", "method"] + [c for c, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

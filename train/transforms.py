@@ -291,6 +291,7 @@ class Augmentation:
     resize: int | None = None
 
     def for_view(self, view: int, views: int) -> Callable:
+        """The pipeline of view `view` out of `views` per image."""
         return self.pipelines[pick_view(view, views, len(self.pipelines))]
 
     def __call__(self, inputs: Any) -> Any:  # outside a repeated epoch: a random pipeline

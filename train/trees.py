@@ -134,6 +134,7 @@ class ProtoTreePipeline(pl.Callback):
         return getattr(trainer.datamodule, f"{self.eval_split}_dataloader")()
 
     def on_final_actions_start(self, trainer: pl.Trainer, pl_module: ProtoTree) -> None:
+        """Evaluate the trained tree (the best checkpoint's with ``source='best'``) before pruning and projection."""
         self._was_training = pl_module.training
         pl_module.eval()
         if self.source == "best" and trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
@@ -142,6 +143,7 @@ class ProtoTreePipeline(pl.Callback):
         self.results = {"trained": evaluate_tree(pl_module, self._loader(trainer))}
 
     def on_phase_action_end(self, trainer: pl.Trainer, pl_module: ProtoTree, action: str, result: Any) -> None:
+        """Evaluate the tree after each action (prune, push)."""
         pl_module.eval()
         if action == "prune":
             self.results["removed_nodes"] = result
@@ -152,6 +154,7 @@ class ProtoTreePipeline(pl.Callback):
             self.results[stage] = evaluate_tree(pl_module, self._loader(trainer))
 
     def on_final_actions_end(self, trainer: pl.Trainer, pl_module: ProtoTree) -> None:
+        """Write ``prototree.json`` and the figures of the final tree into the run folder."""
         run_dir = Path(trainer.default_root_dir)
         if trainer.is_global_zero:
             self._write(trainer, pl_module, run_dir, self.results)
