@@ -255,3 +255,19 @@ def test_synthetic_recipe_reaches_90_percent(tmp_path):
             correct += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
             total += len(batch["label"])
     assert correct / total >= 0.9
+
+
+def test_imagenet_recipe_is_b_cos_v2s_cnn_recipe():
+    import yaml
+
+    from train.transforms import train_augmentation
+
+    recipe = yaml.safe_load((ROOT / "configs/bcos/imagenet_resnet50.yaml").read_text())
+    args = recipe["model"]["init_args"]
+    assert recipe["trainer"]["max_epochs"] == 90 and recipe["trainer"]["devices"] * recipe["data"]["init_args"]["batch_size"] == 256
+    assert (args["optimizer"], args["lr"], args["weight_decay"], args["loss"]) == ("adam", 0.001, 0.0, "uniform_off_bce")
+    assert (args["warmup_epochs"], args["warmup_start_factor"], args["agc_clip_factor"]) == (5, 0.01, 0.01)
+    assert (args["b"], args["max_out"], args["norm"]) == (2.0, 1, "bnu")
+    augmentation = train_augmentation(recipe["data"]["init_args"]["augment"], 224)
+    crop = augmentation.pipelines[0].transforms[0]
+    assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and augmentation.resize == 256
