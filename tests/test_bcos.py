@@ -271,3 +271,19 @@ def test_imagenet_recipe_is_b_cos_v2s_cnn_recipe():
     augmentation = train_augmentation(recipe["data"]["init_args"]["augment"], 224)
     crop = augmentation.pipelines[0].transforms[0]
     assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and augmentation.resize == 256
+
+
+def test_report_shows_the_contribution_maps_and_colour_coding():
+    from explain import viz
+    from explain.report import model_figures
+
+    model = _net(classes=3)
+    images, labels = torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
+    figures = dict(model_figures(model, images, labels, num_images=2))
+    fig = next(f for caption, f in figures.items() if caption.startswith("Contribution maps"))
+    signed = fig.axes[2].images[0]  # row 2 (contributions) of column 0, panels are row-major
+    explanation = model.explain(images)
+    vrange = float(explanation.heatmap[0].abs().quantile(0.995))
+    assert signed.get_clim() == pytest.approx((-vrange, vrange), rel=1e-3)
+    assert fig.axes[4].images[0].get_array().shape == (16, 16, 4)  # the RGBA colour coding
+    viz.plt.close("all")
