@@ -108,11 +108,11 @@ class BcosNet(InterpretableClassifier):
         lr: float = 1e-3,
         **kwargs: Any,
     ) -> None:
-        if "mean" in kwargs or "std" in kwargs:
+        # Identity normalisation (the layer stays as the first one for channels_last); a checkpoint records it.
+        mean, std = tuple(kwargs.pop("mean", (0.0, 0.0, 0.0))), tuple(kwargs.pop("std", (1.0, 1.0, 1.0)))
+        if mean != (0.0, 0.0, 0.0) or std != (1.0, 1.0, 1.0):
             raise ValueError("BcosNet takes raw [0, 1] pixels encoded as [x, 1 - x]: it has no mean/std normalisation")
-        # Identity normalisation: the layer stays as the first one for channels_last.
-        super().__init__(num_classes=num_classes, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                         optimizer=optimizer, lr=lr, **kwargs)
+        super().__init__(num_classes=num_classes, mean=mean, std=std, optimizer=optimizer, lr=lr, **kwargs)
         if architecture not in BCOS_TRUNKS:
             raise ValueError(f"unknown B-cos architecture {architecture!r}; choose from {sorted(BCOS_TRUNKS)}")
         if norm not in BCOS_NORMS:

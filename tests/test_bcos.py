@@ -287,3 +287,13 @@ def test_report_shows_the_contribution_maps_and_colour_coding():
     assert signed.get_clim() == pytest.approx((-vrange, vrange), rel=1e-3)
     assert fig.axes[4].images[0].get_array().shape == (16, 16, 4)  # the RGBA colour coding
     viz.plt.close("all")
+
+
+def test_a_zoo_file_round_trip_rebuilds_the_same_network(tmp_path):
+    model = _net(classes=3)
+    path = models.save_zoo_checkpoint(model, tmp_path / "bcos.pt")
+    loaded = models.load_pretrained(path, check_hash=False)
+    images = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert isinstance(loaded, BcosNet) and loaded.logit_bias == model.logit_bias
