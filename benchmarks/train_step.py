@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from models import CAMNet, InterpretableCNN, PlainClassifier, ProtoPNet, ProtoTree  # noqa: E402
+from models import BcosNet, CAMNet, InterpretableCNN, PlainClassifier, ProtoPNet, ProtoTree  # noqa: E402
 
 
 def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
@@ -36,6 +36,8 @@ def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
         return ProtoTree(num_classes=classes, backbone=backbone, depth=9)
     if family == "InterpretableCNN":
         return InterpretableCNN(num_classes=classes, backbone=backbone, stage=4)  # the whole trunk, as the others
+    if family == "BcosNet":  # the B-cos version of the same ResNet, with its BCE loss (not a cheaper variant)
+        return BcosNet(num_classes=classes, architecture=backbone)
     raise ValueError(family)
 
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
-    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN"]
+    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN", "BcosNet"]
     timers, peaks = {}, {}
     for family in families:  # build and warm up one after the other (memory growth per family) ...
         if args.device == "cuda":

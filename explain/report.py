@@ -91,6 +91,12 @@ def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: 
         examples, explanation.heatmap, labels=labels[:num_images], predictions=explanation.prediction,
         class_names=class_names, boxes=explanation.evidence.get("boxes"),
         title=f"{type(model).__name__}: explanations of test images")))
+    if "colour" in explanation.evidence:  # a dynamic linear model's contributions and their RGBA colour coding
+        figures.append(("Contribution maps of the predicted class (red: evidence for it, blue: against) and their "
+                        "colour coding.", viz.contribution_grid(
+                            examples, explanation.heatmap, explanation.evidence["colour"], labels=labels[:num_images],
+                            predictions=explanation.prediction, class_names=class_names,
+                            title=f"{type(model).__name__}: contribution maps")))
     return figures
 
 

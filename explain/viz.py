@@ -31,7 +31,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 __all__ = [
     "HEATMAP_CMAP", "ACTIVATION_COLOR", "RF_COLOR", "WRONG_COLOR", "to_numpy_image", "overlay_heatmap", "heatmap_figure",
-    "explanation_grid", "save_figure", "figure_to_array", "log_figure",
+    "explanation_grid", "contribution_grid", "save_figure", "figure_to_array", "log_figure",
     "is_prototype_model", "prototype_gallery", "this_looks_like_that", "global_analysis",
     "tree_dot", "render_tree", "tree_figure", "tree_path_figure",
     "filter_part_gallery", "icnn_filter_gallery", "cam_grid", "method_grid",
@@ -182,6 +182,39 @@ def explanation_grid(
             _draw_box(axes[1, i], boxes[i])
     axes[0, 0].set_ylabel("image", fontsize=9)
     axes[1, 0].set_ylabel("heatmap", fontsize=9)
+    return _finish(fig, title)
+
+
+def contribution_grid(
+    images: torch.Tensor,
+    contributions: torch.Tensor,
+    colour: torch.Tensor | None = None,
+    labels: Sequence[int] | torch.Tensor | None = None,
+    predictions: Sequence[int] | torch.Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    percentile: float = 99.5,
+    title: str = "Contribution maps",
+) -> Figure:
+    """Rows: the images; signed contribution maps (bwr, symmetric range clipped at the `percentile` of
+    |map|, as B-cos' ``plot_contribution_map``); with `colour` (B, H, W, 4) RGBA explanations (B-cos'
+    colour coding), drawn on black."""
+    n, rows = len(images), 3 if colour is not None else 2
+    fig, axes = _panels(rows, n, 2.2, 2.4)
+    for i in range(n):
+        caption = [f"true {_class_name(labels[i], class_names)}"] if labels is not None else []
+        if predictions is not None:
+            caption.append(f"pred {_class_name(predictions[i], class_names)}")
+        _show(axes[0, i], images[i], "\n".join(caption) or None)
+        cmap = contributions[i].detach().float().cpu().numpy()
+        vrange = float(np.percentile(np.abs(cmap), percentile)) or 1.0
+        axes[1, i].imshow(np.clip(cmap, -vrange, vrange), cmap="bwr", vmin=-vrange, vmax=vrange)
+        if colour is not None:
+            axes[2, i].set_facecolor("black")
+            axes[2, i].imshow(colour[i].detach().float().cpu().numpy())
+    axes[0, 0].set_ylabel("image", fontsize=9)
+    axes[1, 0].set_ylabel("contributions", fontsize=9)
+    if colour is not None:
+        axes[2, 0].set_ylabel("colour coding", fontsize=9)
     return _finish(fig, title)
 
 

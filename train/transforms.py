@@ -328,11 +328,18 @@ def _default(image_size: int) -> Augmentation:
     return Augmentation("default", (build_train_transform(image_size),))
 
 
+def _imagenet(image_size: int) -> Augmentation:
+    # torchvision's ImageNet training crop (scale 0.08-1, ratio 3/4-4/3) and flip, on images resized to 8/7 x side.
+    crop = v2.RandomResizedCrop(image_size, antialias=True)
+    return Augmentation("imagenet", (v2.Compose([crop, v2.RandomHorizontalFlip()]),), resize=round(image_size * 8 / 7))
+
+
 AUGMENTATIONS: dict[str, Callable[[int], Augmentation]] = {
     "default": _default,
     "protopnet": _protopnet,
     "prototree_cub": _prototree_cub,
     "prototree_cars": _prototree_cars,
+    "imagenet": _imagenet,
 }
 
 
