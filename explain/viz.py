@@ -378,14 +378,16 @@ def method_grid(images: torch.Tensor, heatmaps_by_method: dict[str, torch.Tensor
     return _finish(fig, title)
 
 
-# The prototype and tree views live in explain/prototype_views.py; they are part of this module's API.
-from .prototype_views import (  # noqa: E402
-    global_analysis,
-    is_prototype_model,
-    prototype_gallery,
-    render_tree,
-    this_looks_like_that,
-    tree_dot,
-    tree_figure,
-    tree_path_figure,
-)
+# The prototype and tree views live in explain/prototype_views.py and are part of this module's API. They
+# are resolved on first use, because prototype_views draws with the helpers above (an import at the end
+# of this module would make `import explain.prototype_views` on its own circular).
+_PROTOTYPE_VIEWS = ("global_analysis", "is_prototype_model", "prototype_gallery", "render_tree",
+                    "this_looks_like_that", "tree_dot", "tree_figure", "tree_path_figure")
+
+
+def __getattr__(name: str):
+    if name in _PROTOTYPE_VIEWS:
+        from . import prototype_views
+
+        return getattr(prototype_views, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -88,3 +88,16 @@ def test_installed_wheel_loads_every_release_by_name_from_elsewhere(wheel, tmp_p
         assert out["loaded"][name] == record["class_path"].rsplit(".", 1)[1]
         path, exists = out["configs"][name]
         assert exists and Path(path) == site / record["config"], name
+
+
+def test_every_explain_module_imports_first_in_a_fresh_interpreter(repo_root):
+    """Each module of explain/ imports on its own (no import cycle that only a given order hides)."""
+    names = sorted(p.stem for p in (repo_root / "explain").glob("*.py") if not p.stem.startswith("_"))
+    probe = ("import importlib, subprocess, sys\n"
+             "failed = [n for n in sys.argv[1:] if subprocess.run([sys.executable, '-c', f'import explain.{n}'],"
+             " capture_output=True).returncode]\n"
+             "print(' '.join(failed))\n")
+    done = subprocess.run([sys.executable, "-c", probe, *names], cwd=repo_root, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [], f"modules that fail to import first: {done.stdout}"
