@@ -208,3 +208,50 @@ def test_protocol_details():
     assert L.prototype_consistency(fn, images, keypoints, labels, sets, half_size=2).tolist() == [1.0]
     assert math.isnan(L.prototype_consistency(fn, images, keypoints, labels, torch.tensor([-1]), half_size=2).item())
 
+
+
+# ----------------------------------------------------------------------------- views and applications
+def test_gallery_labels_prototypes_with_their_part_and_because_scores(pushed):
+    from explain import viz
+
+    model, _, _ = pushed
+    fig = viz.prototype_gallery(model, part_labels={0: "wing", 1: "background"},
+                                because={0: {"hue": 0.1, "shape": 0.5}})
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    titles = {ax.get_title().split(" · ")[0]: ax for ax in axes}
+    assert "wing" in titles["p0"].get_title() and "background" in titles["p1"].get_title()
+    assert titles["p0"].get_xlabel().endswith("shape +0.50\nhue +0.10")  # largest score first, after the weights
+    assert "hue" not in titles["p1"].get_xlabel()
+    viz.plt.close(fig)
+
+
+def test_report_evidence_and_compare_rows(pushed, tmp_path):
+    import yaml
+
+    from train import compare
+    from train.report import _prototype_evidence
+
+    model, data, recipe = pushed
+    images = torch.stack([data.dataset("test")[i]["image"] for i in range(4)])
+    evidence = _prototype_evidence(model, recipe, images, "upsampling")
+    parts = prototype_source_parts(model, recipe)
+    assert evidence["part_labels"] == part_labels(parts)
+    assert set(evidence["because"]) == set(range(model.num_prototypes))
+    assert all(set(v) == {"hue", "shape", "texture", "contrast", "saturation"} for v in evidence["because"].values())
+    assert "class parts" in evidence["evidence_note"]
+    # a train.py run folder: runs/<name>/<stamp>/checkpoints/last.ckpt with the run's config.yaml
+    run = tmp_path / "runs" / "tiny" / "stamp"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {"class_path": "train.data.SyntheticParts",
+                                                              "init_args": {**recipe, "train_size": 12}}}))
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "zoo_class_path": f"{type(model).__module__}.{type(model).__name__}"}, run / "checkpoints" / "last.ckpt")
+    summary = compare.main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--methods", "--localisation",
+                            "upsampling", "--num-images", "6", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    cells = {s["metric"]: s["mean"] for s in summary if s["method"] == "prototypes/upsampling"}
+    assert cells["class_part"] == pytest.approx(float(parts.class_part.float().mean()))
+    assert cells["background"] == pytest.approx(float((parts.region == len(parts.names) - 1).float().mean()))
+    assert "prototypes/upsampling" in (tmp_path / "out" / "table.md").read_text()
+    with pytest.raises(ValueError, match="nothing to compare"):
+        compare.main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--methods", "--num-images", "2",
+                      "--out", str(tmp_path / "out2"), "--device", "cpu"])
