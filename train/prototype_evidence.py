@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from explain import localisation_metrics as L
 from explain.prototype_localisation import localise_prototypes, localise_sources
-from explain.prototype_parts import PrototypeParts, parts_summary, pointed_parts, prototype_class_sets, source_parts
+from explain.prototype_parts import EVIDENCE_PERCENTILE, PrototypeParts, parts_summary, pointed_parts, prototype_class_sets, source_parts
 from explain.prp import model_normalisation
 
 from .apps import _SYNTHETIC_ARGS
@@ -59,7 +59,8 @@ def _pushed(model: nn.Module) -> Tensor:
 
 
 def prototype_source_parts(model: nn.Module, recipe: dict[str, Any], method: str = "upsampling", *,
-                           evidence: str = "top", batch_size: int = 64) -> PrototypeParts:
+                           evidence: str = "top", percentile: float = EVIDENCE_PERCENTILE,
+                           batch_size: int = 64) -> PrototypeParts:
     """`explain.prototype_parts.PrototypeParts` of every active pushed prototype, from `method`'s map on
     its source image."""
     ids = _pushed(model)
@@ -68,7 +69,7 @@ def prototype_source_parts(model: nn.Module, recipe: dict[str, Any], method: str
     src = source_samples(recipe, model.prototype_source_index.cpu()[ids].tolist())
     loc = localise_sources(model, src["image"].to(model.device), ids, method, batch_size=batch_size)
     return source_parts(model, loc, src["regions"], src["part_variants"], src["class_variants"], REGION_NAMES,
-                        len(PART_NAMES), evidence=evidence)
+                        len(PART_NAMES), evidence=evidence, percentile=percentile)
 
 
 def _own_ids(own: Tensor) -> tuple[Tensor, Tensor]:
