@@ -128,7 +128,7 @@ def test_evidence_rows_of_a_tiny_model(pushed):
     data = load_synthetic(recipe, 6)
     rows = evidence_rows("tiny", model, recipe, data, ["upsampling", "randgrads"], top_k=2)
     metrics = {r["metric"] for r in rows}
-    assert metrics == {"class_part", "other_part", "body", "distractors", "background", "pointing",
+    assert metrics == {"class_part", "other_part", "body", "distractors", "background", "part_share", "pointing",
                        "pointing_same_part", "consistency", "stability"}
     for method in ("prototypes/upsampling", "prototypes/randgrads"):
         shares = sum(r["value"] for r in rows if r["method"] == method and r["metric"] in

@@ -7,7 +7,8 @@ distractor masks. `evidence_rows` gives, per localisation method, the rows of `t
 (``{model, method, metric, image, value}``; ``image`` is a prototype id for per-prototype figures):
 
 - ``class_part`` / ``other_part`` / ``body`` / ``distractors`` / ``background``: 1 where the prototype's
-  source evidence lies mostly there (the means are the model's shares of prototypes);
+  source evidence lies mostly there (the means are the model's shares of prototypes); ``part_share``: the
+  share of its source evidence on any part;
 - ``pointing`` (per test image and top-k prototype): the map's maximum lies on a part of the test image;
   ``pointing_same_part``: on the part the prototype represents on its source;
 - ``consistency`` / ``stability`` (per prototype): Huang et al.'s protocol
@@ -128,6 +129,7 @@ def evidence_rows(name: str, model: nn.Module, recipe: dict[str, Any], data: dic
         rows += _rows(name, label, "other_part", (parts.on_part & ~parts.class_part).float(), ids)
         for r in range(parts.num_parts, len(parts.names)):
             rows += _rows(name, label, parts.names[r], (parts.region == r).float(), ids)
+        rows += _rows(name, label, "part_share", parts.shares[:, :parts.num_parts].sum(1), ids)
         loc = localise_prototypes(model, images, top.to(model.device), method, batch_size=batch_size)
         pointed = pointed_parts(loc.maps, data["part_masks"]).cpu()  # (B, k)
         represented = dict(zip(ids, parts.region.tolist()))
