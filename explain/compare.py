@@ -91,6 +91,7 @@ METRICS: dict[str, MetricFn] = {
 }
 HIGHER_IS_BETTER = {
     "deletion": False, "road_morf": False, "average_drop": False, "time_ms": False,
+    "other_part": False, "body": False, "distractors": False, "background": False,  # prototype evidence rows
 }  # every other column: higher is better
 DEFAULT_METRICS = ("deletion", "insertion", "road_morf", "average_drop", "increase_in_confidence", "pointing_game",
                    "energy_pointing_game", "relevance_mass", "funnybirds")

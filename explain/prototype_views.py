@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -78,7 +78,8 @@ def _source_images(source, indices: Sequence[int]) -> torch.Tensor:
 
 def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[str] | None = None, columns: int = 10,
                       source=None, top_weights: int = 2, maximize_steps: int = 0, maximize_size: int | None = None,
-                      localisation: str = "upsampling") -> Figure:
+                      localisation: str = "upsampling", part_labels: Mapping[int, str] | None = None,
+                      because: Mapping[int, Mapping[str, float]] | None = None) -> Figure:
     """Every stored prototype patch with its class and largest last-layer weights.
 
     Reads only the prototype interface's records (``prototype_patch``, ``prototype_source_index``, the
@@ -91,6 +92,9 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     images' size, else 64). `localisation` other than "upsampling" (see
     `explain.prototype_localisation`) draws each source image with that method's map of the prototype
     at its stored position, and that map's box in place of the stored high-activation box.
+    `part_labels` (prototype id -> the part it shows, `explain.prototype_parts.part_labels`) are added
+    to the captions; `because` (prototype id -> {modification: score}, `explain.because.BecauseScores.as_dict`)
+    is written under each patch, largest score first.
     """
     records = _prototype_records(model)[:max_prototypes]
     pushed = [r for r in records if r["source"] >= 0]
@@ -118,7 +122,8 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
     weights_shown = top_weights > 0 and bool(records) and records[0]["weights"] is not None
-    fig, axes = _panels(rows, cols * per, 1.4, 2.1 if weights_shown else 1.6)
+    height = (2.1 if weights_shown else 1.6) + (0.2 if part_labels else 0) + (0.5 if because else 0)
+    fig, axes = _panels(rows, cols * per, 1.4, height)
     for ax in axes.flat:
         ax.axis("off")
     for k, r in enumerate(records):
@@ -126,11 +131,16 @@ def prototype_gallery(model, max_prototypes: int = 200, class_names: Sequence[st
         ax = axes[row, col * per]
         ax.axis("on")
         caption = r["label"] + (f" · {_class_name(r['class'], class_names)}" if r["class"] is not None else "")
+        caption += f"\n{part_labels[r['id']]}" if part_labels and r["id"] in part_labels else ""
         _show(ax, r["patch"], caption if r["source"] >= 0 else caption + " (not pushed)")
+        notes = []
         if weights_shown:
             top = r["weights"].topk(min(top_weights, len(r["weights"])))
-            ax.set_xlabel("\n".join(f"w {_class_name(c, class_names)} {v:+.2f}" for v, c in
-                                     zip(top.values.tolist(), top.indices.tolist())), fontsize=6)
+            notes += [f"w {_class_name(c, class_names)} {v:+.2f}" for v, c in zip(top.values.tolist(), top.indices.tolist())]
+        if because and r["id"] in because:
+            notes += [f"{m} {v:+.2f}" for m, v in sorted(because[r["id"]].items(), key=lambda kv: -kv[1])]
+        if notes:
+            ax.set_xlabel("\n".join(notes), fontsize=6)
         if r["source"] in sources:
             src = axes[row, col * per + 1 + extra.index("source")]
             src.axis("on")

@@ -43,7 +43,8 @@ figcaption { font-size: 0.9em; color: #555; } .note { color: #a40; }
 # ----------------------------------------------------------------------------------------- figures
 def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                   class_names: Sequence[str] | None = None, num_images: int = 4,
-                  localisation: str = "upsampling") -> list[tuple[str, Any]]:
+                  localisation: str = "upsampling", part_labels: dict[int, str] | None = None,
+                  because: dict[int, dict[str, float]] | None = None, evidence_note: str = "") -> list[tuple[str, Any]]:
     """(caption, Figure) pairs for one model: what it learned (from its buffers), then, with images,
     local explanations and example explanations.
 
@@ -52,6 +53,8 @@ def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: 
     analysis; a tree (``structure()``) its tree and decision path; filter models (``filter_categories()``)
     their filter parts; any other model its explanations of the top-3 classes. `localisation` is the
     method of the prototypes' maps and boxes in "this looks like that" (`explain.prototype_localisation`).
+    `part_labels` and `because` label the gallery's prototypes (`viz.prototype_gallery`), and
+    `evidence_note` ends its caption.
     """
     figures: list[tuple[str, Any]] = []
     examples = images[:num_images] if images is not None else None
@@ -60,9 +63,10 @@ def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: 
     if prototypes:
         size = images.shape[-1] if images is not None else None
         figures.append(("Prototypes, drawn from the checkpoint's stored patches, with their class, largest "
-                        "class weights and the image that maximises each one's similarity (100 steps).",
+                        "class weights and the image that maximises each one's similarity (100 steps)."
+                        + (f" {evidence_note}" if evidence_note else ""),
                         viz.prototype_gallery(model, class_names=class_names, max_prototypes=60, maximize_steps=100,
-                                              maximize_size=size)))
+                                              maximize_size=size, part_labels=part_labels, because=because)))
     if tree:
         figures.append(("The whole tree: each decision node's prototype, each leaf's class distribution.",
                         viz.tree_figure(model, class_names)))

@@ -9,6 +9,11 @@ Each SOURCE is a released name, a zoo file or a Lightning checkpoint of ``train.
 recipe (its release's manifest entry or its run's ``config.yaml``) and ``--data-arg key=value``;
 ``--data-file`` takes a ``torch.save``d dict of tensors instead ("image", "label", optional
 "part_masks", "body_box"), read weights-only. The scores come from `explain.compare.evaluate`.
+
+``--localisation upsampling smoothgrad randgrads prp`` adds, for every prototype model on SyntheticParts,
+the rows ``prototypes/<method>`` of `train.prototype_evidence` (the share of prototypes on class parts,
+other parts, body, distractors and background; pointing per prototype; consistency and stability);
+``--methods`` may then be empty.
 """
 from __future__ import annotations
 
@@ -21,10 +26,12 @@ import torch
 import yaml
 
 from explain.compare import DEFAULT_METRICS, METRICS, evaluate, summarise, to_markdown
+from explain.prototype_localisation import METHODS as LOCALISATIONS
 from models.pretrained import load_pretrained
 
 from .apps import default_name, load_synthetic, synthetic_recipe
 from .errors import run_main
+from .prototype_evidence import evidence_rows
 
 __all__ = ["main"]
 
@@ -59,7 +66,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", nargs="+", required=True,
                    help="[NAME=]SOURCE: a released name (models.list_pretrained()), a zoo file or a Lightning checkpoint")
-    p.add_argument("--methods", nargs="+", default=["intrinsic", "gradcam", "integrated_gradients", "lime", "rise"])
+    p.add_argument("--methods", nargs="*", default=["intrinsic", "gradcam", "integrated_gradients", "lime", "rise"])
     p.add_argument("--model-methods", nargs="*", default=[], help="NAME=m1,m2: other methods for model NAME")
     p.add_argument("--method-arg", nargs="*", default=[], help="METHOD.key=value (YAML value), e.g. rise.n_masks=2000")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help=f"of {sorted(METRICS)}")
@@ -72,6 +79,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="fewer samples for RISE, LIME, SHAP, IG, SmoothGrad")
     p.add_argument("--figure-images", type=int, default=6)
+    p.add_argument("--localisation", nargs="*", default=[], choices=list(LOCALISATIONS),
+                   help="prototype ground-truth rows per localisation method (train.prototype_evidence)")
+    p.add_argument("--evidence-top-k", type=int, default=3, help="prototypes per test image of the pointing rows")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare")
@@ -90,6 +100,20 @@ def _read_data_file(path: str, num_images: int) -> dict:
     data = {k: v[:num_images] for k, v in data.items()}
     data.setdefault("index", torch.arange(len(data["image"])))
     return data
+
+
+def _evidence(models: dict, specs: list, data: dict, args: argparse.Namespace) -> list[dict]:
+    """The `train.prototype_evidence` rows of every prototype model trained on SyntheticParts."""
+    if args.data_file:
+        raise ValueError("--localisation needs SyntheticParts (the prototypes' sources are re-rendered), not --data-file")
+    rows = []
+    for name, source in specs:
+        recipe = synthetic_recipe(source)
+        if not callable(getattr(models[name], "prototype_active", None)) or not recipe:
+            continue  # not a prototype model, or its push data is unknown
+        rows += evidence_rows(name, models[name], recipe, data, args.localisation, top_k=args.evidence_top_k,
+                              seed=args.seed, batch_size=args.batch_size)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -111,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     rows, heatmaps = evaluate(models, data, args.methods, args.metrics, target=args.target, batch_size=args.batch_size,
                               quick=args.quick, device=args.device, keep_heatmaps=args.figure_images,
                               model_methods=model_methods, method_kwargs=method_kwargs, metric_kwargs=metric_kwargs)
+    if args.localisation:
+        rows += _evidence(models, specs, data, args)
+    if not rows:
+        raise ValueError("nothing to compare: give --methods, or --localisation for prototype models")
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,13 +21,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from explain import viz
+from explain.because import because_scores
 from explain.prototype_localisation import METHODS
+from explain.prototype_parts import part_labels, parts_summary
 from explain.report import model_figures, render_section, write_report
 from models.pretrained import _read as read_checkpoint
 from models.pretrained import load_pretrained
 
 from .apps import checkpoint_file, default_name, load_synthetic, synthetic_recipe
 from .errors import run_main
+from .prototype_evidence import prototype_source_parts
 
 __all__ = ["recorded_accuracy", "main"]
 
@@ -81,6 +85,21 @@ def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batc
     return correct / len(images)
 
 
+def _prototype_evidence(model: nn.Module, recipe: dict, images: torch.Tensor, localisation: str) -> dict[str, Any]:
+    """Gallery labels of a prototype model trained on SyntheticParts: the part each prototype shows on its
+    source (by `localisation`'s map) and its "because" scores on the test images."""
+    if not (viz.is_prototype_model(model) and bool((model.prototype_source_index >= 0).any())):
+        return {}
+    parts = prototype_source_parts(model, recipe, localisation)
+    shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in parts_summary(parts).items())
+    because = because_scores(model, images[:32])
+    return {"part_labels": part_labels(parts), "because": because.as_dict(),
+            "evidence_note": f"Under each patch: the part its {localisation} map covers on its source image (prototypes "
+                             f"on: {shares}) and its 'this looks like that, because' scores on {min(32, len(images))} "
+                             "test images (Nauta et al. 2020: similarity lost when the image's hue, shape, texture, "
+                             "contrast or saturation is changed)."}
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoints", nargs="+", help="released names, zoo files or Lightning checkpoints ([NAME=]SOURCE)")
@@ -125,7 +144,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 accuracy[f"evaluated on {n} SyntheticParts test images"] = _accuracy(model, images, labels)
         else:
             note = "No images given (--data none, or not a SyntheticParts run): example explanations are left out."
-        figures = model_figures(model, images, labels, class_names, args.num_images, localisation=args.localisation)
+        recipe = synthetic_recipe(source)  # the sources are samples of the recipe the model was pushed with
+        evidence = _prototype_evidence(model, recipe, images, args.localisation) if images is not None and recipe else {}
+        figures = model_figures(model, images, labels, class_names, args.num_images, localisation=args.localisation,
+                                **evidence)
         sections.append(render_section(name, source, model, accuracy, figures, note))
     path = write_report(sections, args.out, args.title)
     print(f"wrote {path}")

@@ -124,6 +124,8 @@ class RenderedSample:
     body_box: np.ndarray  # float32 (4,): x0, y0, x1, y1 of the visible object (body and parts)
     label: int
     recipe: SceneRecipe = field(repr=False)
+    body_mask: np.ndarray | None = field(default=None, repr=False)  # bool (H, W), visible body pixels
+    distractor_mask: np.ndarray | None = field(default=None, repr=False)  # bool (H, W), visible distractor pixels
 
     @property
     def part_map(self) -> np.ndarray:
@@ -497,6 +499,8 @@ class SyntheticPartsGenerator:
             body_box=self._object_box(owner, num_parts),
             label=recipe.label,
             recipe=recipe,
+            body_mask=owner == _BODY,
+            distractor_mask=owner == _DISTRACTOR,
         )
 
     @staticmethod
