@@ -463,6 +463,13 @@ class PIPNet(PrototypeModel):
         pooled score (official ``visualize_topk``; one pass, all prototypes at once), stored in ``topk_source_index``
         and ``topk_similarity``; the records (source index, position, boxes, patch) are those of the top image.
         The prototypes themselves do not change."""
+        modes = self._eval_mode()
+        try:
+            return self._top_k_records(loader, epoch)
+        finally:
+            self._restore_mode(modes)
+
+    def _top_k_records(self, loader: Iterable, epoch: int | None) -> PushResult:
         near = self.nearest_patches(loader, k=self.hparams.topk)
         found = near.sample_index[:, 0] >= 0
         size = None
@@ -642,8 +649,9 @@ def pipnet_resnet50_inat(**kwargs: Any) -> PIPNet:
 
 @register_model
 def pipnet_resnet18(**kwargs: Any) -> PIPNet:
-    """timm's ResNet-18 cut after layer3, layer3 at stride 1 (stride 8: 8 x 8 maps at 64 px, 256 prototypes): CPU-sized."""
-    kwargs.setdefault("stage", 3)
+    """timm's ResNet-18 cut after layer2 (stride 8, as the official ResNets' stride-1 late stages: 8 x 8 maps at
+    64 px, 128 prototypes): CPU-sized. With stage 3 or 4 those layers run at stride 1."""
+    kwargs.setdefault("stage", 2)
     return _pipnet("resnet18", **kwargs)
 
 
@@ -658,7 +666,7 @@ def pipnet_test_resnet(**kwargs: Any) -> PIPNet:
 register_pretrained(PretrainedEntry(
     name="pipnet_resnet18.synthparts", class_path="models.pipnet.PIPNet",
     dataset="SyntheticParts (10 classes, 64 px)", config="configs/pipnet/synthetic.yaml",
-    notes="ResNet-18 cut after layer3 (stride-1 layer3: 8 x 8 maps, 256 channel prototypes), self-supervised "
+    notes="ResNet-18 cut after layer2 (stride 8: 8 x 8 maps, 128 channel prototypes), self-supervised "
           "pretraining then the second phase, top-k search on the train split (records = each prototype's top "
           "patch), unused prototypes zeroed",
 ))
