@@ -53,7 +53,7 @@ def _stride_one(module: nn.Module) -> None:
             _stride_one(child)
 
 
-def pipnet_trunk(name: str, stage: int | None = None, pretrained: bool | str = False) -> Backbone:
+def pipnet_trunk(name: str, stage: int | None = None, pretrained: bool | str = False, official_strides: bool = True) -> Backbone:
     """The official trunks (``features/*.py``) as zoo `Backbone`s.
 
     ``convnext_tiny_26`` / ``convnext_tiny_13``: torchvision's ConvNeXt-tiny features (no final norm: it sits
@@ -62,18 +62,19 @@ def pipnet_trunk(name: str, stage: int | None = None, pretrained: bool | str = F
     Any other name is a timm trunk (e.g. ``resnet50.tv_in1k`` = torchvision's ImageNet ResNet-50, ``resnet18``)
     with layer3 and layer4 at stride 1, as the official ResNet features (28 x 28 at 224 px for ResNet-50);
     ``resnet50_inat`` is ResNet-50 with BBN's iNaturalist-2017 weights (pass the file as `pretrained`).
+    ``official_strides=False`` keeps the trunk's own strides (e.g. to compare with a plain classifier on it).
     """
     if name.startswith("convnext_tiny_"):
         threshold = {"convnext_tiny_26": 100, "convnext_tiny_13": 300}.get(name)
         if threshold is None or stage is not None:
             raise ValueError(f"unknown PIP-Net ConvNeXt {name!r} (stage {stage}); expected convnext_tiny_26 or convnext_tiny_13")
         trunk = Backbone("torchvision/convnext_tiny", pretrained=pretrained)
-        for m in trunk.body.modules():
+        for m in trunk.body.modules() if official_strides else ():
             if isinstance(m, nn.Conv2d) and m.stride == (2, 2) and m.in_channels > threshold:
                 m.stride = (1, 1)
         return trunk
     trunk = Backbone("resnet50" if name == "resnet50_inat" else name, stage=stage, pretrained=pretrained)
-    for layer in ("layer3", "layer4"):
+    for layer in ("layer3", "layer4") if official_strides else ():
         if hasattr(trunk.body, layer):
             _stride_one(getattr(trunk.body, layer))
     return trunk
@@ -157,6 +158,7 @@ class PIPNet(PrototypeModel):
         zero_unused: after training, zero the weights of prototypes whose top-k scores are all <= 0.1.
         topk: images kept per prototype by the top-k search (official 10).
         patch_size: side of the stored uint8 patch images.
+        official_strides: the official trunk strides (`pipnet_trunk`); False keeps the trunk's own.
         **kwargs: `InterpretableClassifier` arguments (mean, std, check_finite).
     """
 
@@ -184,6 +186,7 @@ class PIPNet(PrototypeModel):
         zero_unused: bool = True,
         topk: int = 10,
         patch_size: int = 32,
+        official_strides: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(num_classes=num_classes, lr=lr, weight_decay=weight_decay, **kwargs)
@@ -194,7 +197,7 @@ class PIPNet(PrototypeModel):
         if topk < 1:
             raise ValueError(f"PIP-Net: topk={topk} must be >= 1")
         self.automatic_optimization = False
-        self.backbone = pipnet_trunk(backbone, stage, pretrained_backbone)
+        self.backbone = pipnet_trunk(backbone, stage, pretrained_backbone, official_strides)
         self.groups = _official_groups(backbone, self.backbone)
         channels = self.backbone.out_channels
         if num_features:
@@ -480,8 +483,7 @@ class PIPNet(PrototypeModel):
         if len(unique):
             images = fetch_images(loader, unique)
             size = tuple(images.shape[-2:])
-            with self.push_latent() as latent:
-                h, w = latent(images[:1].to(self.device)).shape[-2:]
+            h, w = self.receptive_field(size[0]).size, self.receptive_field(size[1]).size  # the map's size
             ids = found.nonzero().squeeze(1)
             boxes[ids] = self.patch_box(near.position[ids, 0].cpu(), (h, w), size).to(boxes)
             patches[ids] = crop_patches(images, inverse.cpu(), boxes[ids].cpu(), self.patch_size).to(patches)

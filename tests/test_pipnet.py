@@ -322,3 +322,25 @@ def test_forward_equals_the_official_module_on_copied_weights(tmp_path, trunk):
             torch.testing.assert_close(out_z, out_o, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(loaded(x), net(normalised, inference=True)[2], rtol=1e-4, atol=1e-5)
     assert isinstance(model, PIPNet) and model.hparams.backbone == ("resnet18" if trunk == "resnet18" else "convnext_tiny_26")
+
+
+@pytest.mark.slow
+def test_synthetic_recipe_reaches_90_percent(tmp_path, monkeypatch):
+    """The recipe the release is built from: fit through the CLI, then the final model (after the top-k search
+    and the zeroing) on the test split; the classifier ends sparse."""
+    from train.cli import main
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = Path(__file__).resolve().parents[1]
+    cli = main(["fit", "--config", str(root / "configs" / "pipnet" / "synthetic.yaml"), "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--runs_root", str(tmp_path), "--test_after_fit", "false"])
+    model = load_pretrained(Path(cli.trainer.default_root_dir) / "checkpoints" / "final.ckpt", check_hash=False)
+    right = total = 0
+    with torch.no_grad():
+        for batch in cli.datamodule.test_dataloader():
+            right += int((model(batch["image"]).argmax(1) == batch["label"]).sum())
+            total += len(batch["label"])
+    assert right / total >= 0.9
+    figures = model.sparsity_figures()
+    assert 0 < figures["global_size"] < model.num_prototypes and figures["sparsity"] > 0.5
+    assert (model.prototype_source_index[model.prototype_active()] >= 0).all()
