@@ -589,7 +589,8 @@ class PIPNet(PrototypeModel):
     def ood_thresholds(self, loader: Iterable, percent: float = 95.0) -> Tensor:
         """(K,) per predicted class the score above which an image is in-distribution (official ``get_thresholds``):
         the (100 - percent)th percentile of max(out) (unclamped) of the images predicted as that class on
-        in-distribution data (classes never predicted: the mean), then x 0.999 until >= percent % of them pass."""
+        in-distribution data (classes never predicted: the mean), then x 0.999 until >= percent % of them pass
+        (computed in float64; float32 thresholds are returned)."""
         modes = self._eval_mode()
         try:
             scores, preds = [], []
@@ -606,9 +607,11 @@ class PIPNet(PrototypeModel):
         for c in preds.unique().tolist():
             thresholds[c] = torch.quantile(scores[preds == c], 1 - percent / 100)  # numpy's linear percentile
         thresholds = torch.where(thresholds.isnan(), thresholds[~thresholds.isnan()].mean(), thresholds)
-        if percent < 100:
-            while (scores >= thresholds[preds]).double().mean() < percent / 100:
-                thresholds = thresholds * 0.999
+        # Official: the first check counts scores above the thresholds, the loop's checks those at or above.
+        passed = (scores > thresholds[preds]).double().mean()
+        while percent < 100 and passed < percent / 100:
+            thresholds = thresholds * 0.999
+            passed = (scores >= thresholds[preds]).double().mean()
         return thresholds.float()
 
     @torch.no_grad()
