@@ -296,6 +296,34 @@ def test_ood_thresholds_follow_the_official_percentile_rule(trained, data):
     assert model.in_distribution(images, thresholds).float().mean() >= 0.95
 
 
+@pytest.mark.parametrize("recipe", ["cub_convnext_tiny_26", "cars_convnext_tiny_26"])
+def test_paper_recipes_hold_the_official_arguments(recipe):
+    """used_arguments/{CUB,CARS}_arguments.txt: 10 + 60 epochs, batch 64, lr 0.05 / 5e-4 / 5e-4, freeze 10, seed 1,
+    ConvNeXt-tiny-26 with ImageNet weights; one Lightning epoch per official epoch."""
+    import inspect
+
+    import yaml
+
+    import train.data
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "pipnet" / f"{recipe}.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    assert {k: args[k] for k in ("backbone", "epochs_pretrain", "epochs", "finetune_epochs", "freeze_epochs", "lr",
+                                 "lr_block", "lr_net", "weight_decay", "num_features", "bias")} == {
+        "backbone": "convnext_tiny_26", "epochs_pretrain": 10, "epochs": 60, "finetune_epochs": 3, "freeze_epochs": 10,
+        "lr": 0.05, "lr_block": 0.0005, "lr_net": 0.0005, "weight_decay": 0.0, "num_features": 0, "bias": False}
+    assert args["pretrained_backbone"] is True and cfg["seed_everything"] == 1
+    assert cfg["trainer"]["max_epochs"] == 70 and args["num_classes"] == (200 if "cub" in recipe else 196)
+    data = cfg["data"]
+    assert data["init_args"]["batch_size"] == 64 and data["init_args"]["epoch_repeats"] == 1
+    assert data["init_args"]["augment"] == ("pipnet_cub" if "cub" in recipe else "pipnet_cars")
+    cls = getattr(train.data, data["class_path"].rsplit(".", 1)[1])
+    params = set(inspect.signature(cls).parameters) | set(inspect.signature(train.data.ZooDataModule).parameters)
+    assert set(data["init_args"]) <= params
+    model = PIPNet(**{**args, "pretrained_backbone": False})
+    assert model.num_prototypes == 768
+
+
 # ------------------------------------------------------------------------------- official stand-in
 @contextlib.contextmanager
 def official_pipnet():
