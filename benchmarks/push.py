@@ -20,6 +20,10 @@ prototypes, NumPy copies, a Python loop over all prototypes with a fancy-index c
 improvement the receptive field and the 95th-percentile box. (Its boxes come from the pre-push
 prototype's map, ours from the pushed prototype's own map, so boxes are not compared.)
 
+PIP-Net has no push: its records come from a top-k search (k = 10, the official ``visualize_topk``) over the
+same images, timed against one inference pass of the same PIP-Net (medians of interleaved rounds; target
+<= 1.1x), on the same trunk with its own strides (``--pipnet-official-strides``: layer3/4 at stride 1).
+
     python benchmarks/push.py            # 2,000 images
     python benchmarks/push.py --quick    # 40 images at 64 px, 20 classes (P = 200): a smoke run
     python benchmarks/push.py --device cuda
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.common import sync, timed  # noqa: E402
-from models import ProtoPNet  # noqa: E402
+from models import PIPNet, ProtoPNet  # noqa: E402
 from models.prototypes import PushSearch  # noqa: E402
 
 
@@ -156,6 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of pass, push, reference; medians")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pipnet-official-strides", action="store_true", help="PIP-Net's trunk with stride-1 layer3/4")
     args = parser.parse_args()
     if args.quick:  # every class needs an image in the push set
         args.images, args.classes, args.size, args.rounds = 40, 20, 64, 1
@@ -265,6 +270,34 @@ def main() -> None:
     print(f"speed-up of ours: search (net) {ratio}, after-latent {a_r / a_o:.1f}x; same prototypes and receptive fields: yes")
     print(f"after-latent without boxes and patches (the nearest-patch search alone): ours {t_n_ours:.3f} s, "
           f"loop {t_n_ref:.3f} s, {t_n_ref / t_n_ours:.1f}x")
+    pipnet_topk(args, device, loader)
+
+
+def pipnet_topk(args, device: torch.device, loader) -> None:
+    """PIP-Net's top-k search (its records) against one inference pass of the same model."""
+    torch.manual_seed(0)
+    model = PIPNet(num_classes=args.classes, backbone=args.backbone, official_strides=args.pipnet_official_strides)
+    model = model.to(device).eval()
+
+    def one_pass():
+        with torch.no_grad():
+            for batch in loader:
+                model(batch["image"].to(device))
+
+    one_pass()  # warm-up
+    runs: dict[str, list[float]] = {"pass": [], "search": []}
+    for r in range(args.rounds):
+        for name in (["pass", "search"] if r % 2 == 0 else ["search", "pass"]):
+            runs[name].append(timed(one_pass if name == "pass" else lambda: model.push(loader), device)[0])
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    t_pass, t_search = med(runs["pass"]), med(runs["search"])
+    with torch.no_grad():
+        h = model.latent(loader.dataset[0]["image"][None].to(device)).shape[-1]
+    print(f"PIP-Net top-k search (k={model.hparams.topk}): {args.backbone} -> {h}x{h} maps, P={model.num_prototypes} "
+          f"channel prototypes, {'official' if args.pipnet_official_strides else 'own'} strides")
+    print(f"{'method':<20} {'search':>7} {'pass':>7} {'search/pass':>11}")
+    print(f"{'top-k search':<20} {t_search:>7.2f} {t_pass:>7.2f} {t_search / t_pass:>11.3f}"
+          f"{'' if t_search / t_pass <= 1.1 else ' (over 1.1x)'}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 One step = forward + backward + optimiser step on the same batch. Median of `--repeats` timed steps
 after warm-up; throughput in images/s; peak memory (CUDA) or peak RSS growth (CPU). Target: each
-family's step <= 1.15x the plain classifier's.
+family's step <= 1.15x the plain classifier's. PIP-Net: a batch of B images is B/2 images in two views, all
+its phase-2 loss terms; "official strides" is its trunk with layer3 and layer4 at stride 1 (another network).
 
     python benchmarks/train_step.py                # ResNet-18, batch 32, 224 px
     python benchmarks/train_step.py --quick        # batch 4, 32 px, 10 classes, 2 repeats
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from models import BcosNet, CAMNet, InterpretableCNN, PlainClassifier, ProtoPNet, ProtoTree  # noqa: E402
+from models import BcosNet, CAMNet, InterpretableCNN, PIPNet, PlainClassifier, ProtoPNet, ProtoTree  # noqa: E402
 
 
 def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
@@ -38,11 +39,17 @@ def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
         return InterpretableCNN(num_classes=classes, backbone=backbone, stage=4)  # the whole trunk, as the others
     if family == "BcosNet":  # the B-cos version of the same ResNet, with its BCE loss (not a cheaper variant)
         return BcosNet(num_classes=classes, architecture=backbone)
+    if family.startswith("PIP-Net"):  # phase 2 ("full": all terms); a batch of B images is B/2 pairs of views
+        model = PIPNet(num_classes=classes, backbone=backbone, official_strides="official" in family)
+        model.set_phase("full")
+        return model
     raise ValueError(family)
 
 
 def loss_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The family's own training loss (all its terms), or cross-entropy for a plain classifier."""
+    if isinstance(model, PIPNet):
+        return model.compute_losses(images, labels[: len(labels) // 2], plan=model.plan(model.hparams.epochs_pretrain + 20))[1]["loss"]
     if hasattr(model, "compute_losses"):
         try:
             return model.compute_losses(images, labels)[1]["loss"]
@@ -98,7 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
-    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN", "BcosNet"]
+    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN", "BcosNet", "PIP-Net",
+                "PIP-Net (official strides)"]
     timers, peaks = {}, {}
     for family in families:  # build and warm up one after the other (memory growth per family) ...
         if args.device == "cuda":

@@ -10,6 +10,7 @@ from .prototree import ProtoTree, ProtoTreeEnsemble
 from .icnn import InterpretableCNN, InterpretableLayer
 from .protopnet import ProtoPNet, ProtoPNetEnsemble
 from .bcos import BcosNet
+from .pipnet import PIPNet
 
 __all__ = [
     "Backbone",
@@ -37,4 +38,5 @@ __all__ = [
     "ProtoPNet",
     "ProtoPNetEnsemble",
     "BcosNet",
+    "PIPNet",
 ]

@@ -1,4 +1,4 @@
-"""Import checkpoints saved by the official ProtoPNet and ProtoTree code, without that code.
+"""Import checkpoints saved by the official ProtoPNet, ProtoTree and PIP-Net code, without that code.
 
 The official ProtoPNet (cfchen-duke/ProtoPNet) saves a whole pickled ``PPNet`` module
 (``torch.save(model)``, sometimes wrapped in ``DataParallel``); the official ProtoTree
@@ -8,7 +8,9 @@ restricted unpickler rebuilds only tensors and plain state: every official class
 layer named in the file becomes an inert `OfficialObject` that merely records its ``__dict__``, and
 any other global (``os.system``, ``builtins.eval``, ...) is refused with a `CheckpointError`.
 The inert tree is then mapped onto the zoo's `ProtoPNet` / `ProtoTree` and written with
-`save_zoo_checkpoint`, so the result loads with ``models.load_pretrained(path)``.
+`save_zoo_checkpoint`, so the result loads with ``models.load_pretrained(path)``. The official PIP-Net
+(M-Nauta/PIPNet) saves a dict of state dicts (``net_trained``: ``{"model_state_dict": ...}``, keys with
+DataParallel's ``module.`` prefix), read by the same restricted unpickler and mapped onto `PIPNet`.
 
     python -m models.convert official.pth --arch protopnet [--backbone resnet34] --out zoo.pt
 
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .pretrained import CheckpointError, save_zoo_checkpoint, sha256_of
+from .pipnet import PIPNet
 from .protopnet import ProtoPNet
 from .prototree import ProtoTree
 
@@ -41,6 +44,7 @@ __all__ = [
     "OFFICIAL_CLASSES",
     "OfficialObject",
     "convert_checkpoint",
+    "convert_pipnet",
     "convert_protopnet",
     "convert_prototree",
     "load_official",
@@ -476,8 +480,59 @@ def _iter_nodes(node: OfficialObject):
         yield from _iter_nodes(node.r)
 
 
+# ------------------------------------------------------------------------------ PIP-Net
+_PIPNET_RESNETS = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50.tv_in1k",
+                   (23, True): "resnet101", (36, True): "resnet152"}
+
+
+def convert_pipnet(official: Any, backbone: str | None = None, num_classes: int | None = None,
+                   source: str | Path = "<official>") -> tuple[PIPNet, dict[str, Any]]:
+    """A zoo `PIPNet` with the weights of an official PIP-Net checkpoint (``{"model_state_dict": ...}`` or a bare
+    state dict, with or without ``module.``), and facts for the file's meta.
+
+    The trunk is ConvNeXt-tiny when the keys hold ``_net.features``: ``convnext_tiny_26`` unless `backbone`
+    says ``convnext_tiny_13`` (the strides are not in the weights); a ResNet is named by its layer3 depth and
+    block kind. ``_multiplier`` is the classifier's normalisation multiplier registered a second time.
+    """
+    source = Path(source)
+    state = official.get("model_state_dict", official) if isinstance(official, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{source} is not an official PIP-Net checkpoint (a dict with 'model_state_dict')")
+    state = {k.removeprefix("module."): v.detach().float() for k, v in state.items()}
+    if "_classification.weight" not in state:
+        raise CheckpointError(f"{source}: no '_classification.weight': not an official PIP-Net state dict")
+    weight = state["_classification.weight"]
+    _check_classes(num_classes, weight.shape[0], source)
+    trunk = {k.removeprefix("_net."): v for k, v in state.items() if k.startswith("_net.")}
+    if backbone is None:
+        if any(k.startswith("features.") for k in trunk):
+            backbone = "convnext_tiny_26"
+        else:
+            blocks = len({k.split(".")[1] for k in trunk if k.startswith("layer3.")})
+            backbone = _PIPNET_RESNETS.get((blocks, "layer1.0.conv3.weight" in trunk))
+            if backbone is None:
+                raise CheckpointError(f"{source}: cannot tell the official PIP-Net trunk; pass --backbone")
+    add_on = {k.removeprefix("_add_on."): v for k, v in state.items() if k.startswith("_add_on.")}
+    num_features = weight.shape[1] if add_on else 0
+    model = _build(PIPNet, source, num_classes=weight.shape[0], backbone=backbone, num_features=num_features,
+                   bias="_classification.bias" in state)
+    if backbone.startswith("convnext"):
+        trunk = {k.removeprefix("features."): v for k, v in trunk.items()}
+    own = model.state_dict()
+    mapped = _map_trunk(trunk, own, "backbone.body.", backbone, source)
+    mapped.update({f"add_on.{k}": v for k, v in add_on.items()})
+    mapped["classifier.weight"] = weight
+    mapped["classifier.normalization_multiplier"] = state["_classification.normalization_multiplier"]
+    if "_classification.bias" in state:
+        mapped["classifier.bias"] = state["_classification.bias"]
+    multiplier = state.get("_multiplier")
+    if multiplier is not None and not torch.equal(multiplier, mapped["classifier.normalization_multiplier"]):
+        raise CheckpointError(f"{source}: _multiplier and _classification.normalization_multiplier differ")
+    return _finish(model, mapped, source), {"official_backbone": backbone}
+
+
 # ------------------------------------------------------------------------------ file to file
-_CONVERTERS = {"protopnet": convert_protopnet, "prototree": convert_prototree}
+_CONVERTERS = {"protopnet": convert_protopnet, "prototree": convert_prototree, "pipnet": convert_pipnet}
 
 
 def convert_checkpoint(path: str | Path, arch: str, out: str | Path, backbone: str | None = None,

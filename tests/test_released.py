@@ -35,14 +35,24 @@ def test_released_checkpoint_reaches_its_manifest_accuracy(name):
     assert abs(correct / total - record["metrics"]["test_acc"]) <= 0.005
 
 
-PROTOTYPE_RELEASES = [n for n in sorted(RELEASED) if "proto" in RELEASED[n]["class_path"].lower()]
+def _is_prototype_model(class_path: str) -> bool:
+    from models.prototype_model import PrototypeModel
+
+    module_name, _, cls_name = class_path.rpartition(".")
+    return issubclass(getattr(importlib.import_module(module_name), cls_name), PrototypeModel)
+
+
+PROTOTYPE_RELEASES = [n for n in sorted(RELEASED) if _is_prototype_model(RELEASED[n]["class_path"])]
 
 
 @pytest.mark.parametrize("name", PROTOTYPE_RELEASES)
 def test_every_released_prototype_is_a_training_patch_with_its_records(name):
-    """What is released is what the recipe ends with: each active prototype is (to 1e-5) the latent patch its
-    records name, from a push-set image of a class it may take, and its boxes and patch are that patch's."""
-    from models.prototypes import crop_patches, receptive_field_boxes
+    """What is released is what the recipe ends with: each active prototype's records name a real push-set
+    patch, of a class it may take, nearest to the prototype (under its push distance) in that image, and
+    boxes and patch are that patch's. Where the push moves prototypes (a squared L2 search: ProtoPNet, ...)
+    the prototype is (to 1e-5) that latent patch; channel prototypes (PIP-Net) are not moved and their
+    record is the top patch of their top image, their distance the negated score there."""
+    from models.prototypes import SQUARED_L2, crop_patches, receptive_field_boxes
 
     record = RELEASED[name]
     model = models.load_pretrained(name)
@@ -67,9 +77,13 @@ def test_every_released_prototype_is_a_training_patch_with_its_records(name):
     rf = receptive_field_boxes(model.receptive_field(size[0]), model.receptive_field(size[1]), positions)
     for n, j in enumerate(active.tolist()):
         r, c = positions[n].tolist()
-        assert torch.allclose(z[inverse[n], :, r, c], vectors[j], atol=1e-5), (name, j)
         assert allowed is None or bool(allowed[j, labels[inverse[n]]]), (name, j)
         own = model.push_distance.paired(z[inverse[n]][None].clone(), vectors[j][None])
+        assert float(own[0, r, c]) <= float(own.min()) + 1e-6, (name, j)  # the nearest patch of its source image
+        if model.push_distance is SQUARED_L2:
+            assert torch.allclose(z[inverse[n], :, r, c], vectors[j], atol=1e-5), (name, j)
+        else:
+            assert float(own[0, r, c]) == pytest.approx(float(model.prototype_distance[j]), abs=1e-5), (name, j)
         box = model.push_boxes(model.similarity(own), size)
         assert model.prototype_box[j].tolist() == box[0].tolist(), (name, j)
         assert model.prototype_rf_box[j].tolist() == rf[n].tolist(), (name, j)

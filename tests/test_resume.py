@@ -42,6 +42,9 @@ SCRIPT = textwrap.dedent(
         pl.seed_everything(0)
         if family == "cam":
             model = CAMNet(num_classes=3, backbone="test_resnet", dropout=0.3, lr=1e-2, scheduler="step", step_size=1, gamma=0.5)
+        elif family == "pipnet":  # 0 pretraining | 1 classifier only | 2 everything: two optimisers, per-step rates
+            model = create_model("pipnet_test_resnet", num_classes=3, epochs_pretrain=1, epochs=2, finetune_epochs=1,
+                                 freeze_epochs=1, lr_block=1e-2, lr_net=1e-2, topk=2, patch_size=8)
         else:  # a tree with derivative-free leaves, its trunk frozen in epoch 0 (phase warm), then joint
             model = create_model("prototree_test_resnet", num_classes=3, depth=2, freeze_epochs=1, lr_net=1e-2,
                                  milestones=[1, 2])
@@ -76,7 +79,7 @@ def _run(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT, fami
     return process.returncode, err[-3000:]
 
 
-@pytest.mark.parametrize("family", ["cam", "prototree"])
+@pytest.mark.parametrize("family", ["cam", "prototree", "pipnet"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, family):
     # 5 batches per epoch. Killed after 2 batches of epoch 1 (step 7), and at the epoch boundary
     # (step 5: `last` was saved after the last batch of epoch 0, before its validation; Lightning

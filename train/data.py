@@ -176,11 +176,15 @@ class SyntheticPartsDataset(Dataset):
         kp = torch.from_numpy(np.array(keypoints, dtype=np.float32))
         bx = torch.from_numpy(np.array(box, dtype=np.float32))
         image_t, pmap, kp, bx = apply_transform(self.transform, image_t, pmap, kp, bx)
+        second = getattr(self.transform, "view_transform", None)  # two views (PIP-Net): annotations follow view 1
+        if second is not None:
+            image2 = apply_transform(second, image_t)[0]
+            image_t, pmap, kp, bx = apply_transform(second, image_t, pmap, kp, bx)
         num_parts = kp.shape[0]
         masks = pmap[None].long() == torch.arange(1, num_parts + 1)[:, None, None]
         if self.transform is not None:  # visible = some pixel of the part is still in the image
             kp[:, 2] *= masks.flatten(1).any(dim=1).float()
-        return {
+        item = {
             "image": to_float(image_t),
             "label": torch.tensor(label, dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
@@ -188,6 +192,9 @@ class SyntheticPartsDataset(Dataset):
             "keypoints": kp,
             "body_box": bx,
         }
+        if second is not None:
+            item["image2"] = to_float(image2)
+        return item
 
 
 class SyntheticParts(ZooDataModule):

@@ -165,6 +165,7 @@ class ImageRecordDataset(Dataset):
         region = pick_view(view, views, 5) if self.corners else 4
         x0, y0, x1, y1 = self.crop_box(index, *im.size, view=region)
         transform = self.transform
+        second = getattr(transform, "view_transform", None)  # two views (PIP-Net): annotations follow view 1
         size = self.image_size
         if isinstance(transform, Augmentation):
             size = transform.resize or size
@@ -183,6 +184,9 @@ class ImageRecordDataset(Dataset):
             b = np.array([(bx0 - x0) * sx, (by0 - y0) * sy, (bx1 - x0) * sx, (by1 - y0) * sy])
             box = torch.from_numpy(np.clip(b, 0, size).astype(np.float32))
         image, _, kp, box = apply_transform(transform, pil_to_tensor(im), None, kp, box)
+        if second is not None:
+            item["image2"] = to_float(apply_transform(second, image)[0])
+            image, _, kp, box = apply_transform(second, image, None, kp, box)
         item["image"] = to_float(image)
         item["label"] = torch.tensor(int(self.labels[index]), dtype=torch.int64)
         item["index"] = torch.tensor(index, dtype=torch.int64)

@@ -13,6 +13,11 @@ Every transform moves images, masks, boxes and keypoints together (uint8 images 
   crops at full resolution, then the loader resized them): the geometry is the same up to rounding,
   and each warp resamples once (bilinear) where Augmentor resamples twice (bicubic).
 * ``"prototree_cub"`` / ``"prototree_cars"``: ProtoTree's online augmentation (``util/data.py``).
+* ``"pipnet_cub"`` / ``"pipnet_cars"``: PIP-Net's two views (``util/data.py``, ``TwoAugSupervisedDataset``):
+  a shape pipeline T1 once (resize, TrivialAugment-Wide restricted to shear / translate / rotate, flip,
+  random-resized crop), then a colour pipeline T2 (TrivialAugment-Wide restricted to colour ops, random
+  crop) twice, independently: the item carries ``"image"`` and ``"image2"``. Pixel sizes are the official
+  ones at 224 px, scaled by image_size / 224 for other sizes.
 
 A recipe with several pipelines is an `Augmentation`; view r of a repeated epoch uses
 ``for_view(r, views)``. Facts: ProtoPNet ``img_aug.py`` and Augmentor 0.2.12 ``Operations.py``
@@ -39,6 +44,7 @@ __all__ = [
     "AugmentorRotate",
     "AugmentorShear",
     "AugmentorSkew",
+    "TrivialAugmentSubset",
     "build_train_transform",
     "pick_view",
     "train_augmentation",
@@ -284,11 +290,14 @@ class Augmentation:
         name: the recipe's name.
         pipelines: transforms; view r of ``views`` uses ``pipelines[pick_view(r, views, len(pipelines))]``.
         resize: side the image is resized to before the pipelines (None = the model's input size).
+        view_transform: applied after the pipeline, independently for each of two views (PIP-Net); the
+            datasets then return the second view as ``"image2"`` (annotations follow the first).
     """
 
     name: str
     pipelines: tuple[Callable, ...]
     resize: int | None = None
+    view_transform: Callable | None = None
 
     def for_view(self, view: int, views: int) -> Callable:
         """The pipeline of view `view` out of `views` per image."""
@@ -324,6 +333,88 @@ def _prototree_cars(image_size: int) -> Augmentation:
     return Augmentation("prototree_cars", (v2.Compose([order, v2.RandomCrop(image_size)]),), resize=image_size + 32)
 
 
+# TrivialAugment-Wide's op subsets of PIP-Net (util/data.py): op -> (magnitudes over 31 bins, signed).
+_SHAPE_OPS = {"Identity": (None, False), "ShearX": ((0.0, 0.5), True), "ShearY": ((0.0, 0.5), True),
+              "TranslateX": ((0.0, 16.0), True), "TranslateY": ((0.0, 16.0), True), "Rotate": ((0.0, 60.0), True)}
+_COLOUR_OPS = {"Identity": (None, False), "Brightness": ((0.0, 0.5), True), "Color": ((0.0, 0.02), True),
+               "Contrast": ((0.0, 0.5), True), "Sharpness": ((0.0, 0.5), True), "Posterize": ("bits", False),
+               "AutoContrast": (None, False), "Equalize": (None, False)}
+_COLOUR_OPS_CARS = {**_COLOUR_OPS, "Color": ((0.0, 0.5), True), "Solarize": ((255.0, 0.0), False)}
+
+
+class TrivialAugmentSubset(v2.Transform):
+    """TrivialAugment-Wide (Mueller & Hutter) over a subset of its ops, drawn as torchvision's v1 class does
+    (one op, one of `bins` magnitudes, a random sign for signed ops), on uint8 images.
+
+    Unlike torchvision's class it takes annotations: geometric ops move masks, boxes and keypoints with the
+    image; colour ops leave them alone. ``translate_scale`` scales the translation magnitudes (pixels at 224 px).
+    """
+
+    def __init__(self, ops: dict[str, tuple[Any, bool]], bins: int = 31, translate_scale: float = 1.0) -> None:
+        super().__init__()
+        self.ops, self.bins, self.translate_scale = dict(ops), int(bins), float(translate_scale)
+
+    def _magnitudes(self, op: str) -> torch.Tensor | None:
+        space = self.ops[op][0]
+        if space is None:
+            return None
+        if space == "bits":
+            return 8 - (torch.arange(self.bins) / ((self.bins - 1) / 6)).round().int()
+        return torch.linspace(float(space[0]), float(space[1]), self.bins)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        names = list(self.ops)
+        op = names[int(torch.randint(len(names), ()))]
+        magnitudes = self._magnitudes(op)
+        magnitude = 0.0 if magnitudes is None else float(magnitudes[int(torch.randint(self.bins, ()))])
+        if self.ops[op][1] and int(torch.randint(2, ())):
+            magnitude = -magnitude
+        if op.startswith("Translate"):
+            magnitude = float(int(magnitude * self.translate_scale))
+        return {"op": op, "magnitude": magnitude}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        op, m = params["op"], params["magnitude"]
+        image = isinstance(inpt, tv_tensors.Image) or (isinstance(inpt, torch.Tensor) and type(inpt) is torch.Tensor)
+        nearest = v2.InterpolationMode.NEAREST
+        if op == "Identity":
+            return inpt
+        if op in ("ShearX", "ShearY", "TranslateX", "TranslateY"):
+            shear = [math.degrees(math.atan(m)), 0.0] if op == "ShearX" else [0.0, math.degrees(math.atan(m))]
+            translate = [int(m), 0] if op == "TranslateX" else [0, int(m)]
+            shear = shear if op.startswith("Shear") else [0.0, 0.0]
+            translate = translate if op.startswith("Translate") else [0, 0]
+            kwargs = {"center": [0, 0]} if op.startswith("Shear") else {}
+            return self._call_kernel(F.affine, inpt, angle=0.0, translate=translate, scale=1.0, shear=shear,
+                                     interpolation=nearest, fill=0, **kwargs)
+        if op == "Rotate":
+            return self._call_kernel(F.rotate, inpt, angle=m, interpolation=nearest, fill=0)
+        if not image:  # colour ops: annotations unchanged
+            return inpt
+        colour = {"Brightness": lambda x: F.adjust_brightness(x, 1.0 + m), "Color": lambda x: F.adjust_saturation(x, 1.0 + m),
+                  "Contrast": lambda x: F.adjust_contrast(x, 1.0 + m), "Sharpness": lambda x: F.adjust_sharpness(x, 1.0 + m),
+                  "Posterize": lambda x: F.posterize(x, bits=int(m)), "Solarize": lambda x: F.solarize(x, threshold=m),
+                  "AutoContrast": F.autocontrast, "Equalize": F.equalize}
+        return colour[op](inpt)
+
+
+def _pipnet(name: str, pre_resize: int, colour_ops: dict) -> Callable[[int], Augmentation]:
+    """PIP-Net's T1 (shape, once) and T2 (colour and crop, per view) at the official pixel sizes x image_size / 224."""
+
+    def build(image_size: int) -> Augmentation:
+        scale = image_size / 224
+        t1 = v2.Compose([
+            v2.Resize((image_size + round(pre_resize * scale),) * 2, antialias=True),
+            TrivialAugmentSubset(_SHAPE_OPS, translate_scale=scale),
+            v2.RandomHorizontalFlip(),
+            v2.RandomResizedCrop(image_size + round(4 * scale), scale=(0.95, 1.0), antialias=True),
+        ])
+        t2 = v2.Compose([TrivialAugmentSubset(colour_ops), v2.RandomCrop(image_size)])
+        return Augmentation(name, (t1,), view_transform=t2)
+
+    return build
+
+
 def _default(image_size: int) -> Augmentation:
     return Augmentation("default", (build_train_transform(image_size),))
 
@@ -340,6 +431,8 @@ AUGMENTATIONS: dict[str, Callable[[int], Augmentation]] = {
     "prototree_cub": _prototree_cub,
     "prototree_cars": _prototree_cars,
     "imagenet": _imagenet,
+    "pipnet_cub": _pipnet("pipnet_cub", 8, _COLOUR_OPS),  # birds: Resize(232), T2 without strong colour
+    "pipnet_cars": _pipnet("pipnet_cars", 32, _COLOUR_OPS_CARS),  # cars: Resize(256), T2 with colour and solarize
 }
 
 

@@ -1,0 +1,1 @@
+"""Stand-in for the official PIP-Net package ``pipnet`` (tests only)."""
