@@ -409,7 +409,8 @@ class ProtoPool(PrototypeModel):
     @torch.no_grad()
     def explain(self, images: Tensor, target: Tensor | int | None = None, top_k: int = 10,
                 percentile: float = 95.0) -> Explanation:
-        """The prototypes of the target class's slots, ranked by similarity x weight, and a heatmap.
+        """The prototypes of the target class's slots, ranked by similarity x weight (then, up to `top_k`, the
+        other active prototypes by similarity), and a heatmap.
 
         heatmap: Σ_p connection[p, target] x the upsampled φ map of p. evidence: the shared prototype evidence
         (`prototype_evidence`; weight = `prototype_class_connection` to the target) plus ``slot_prototypes``
@@ -425,7 +426,9 @@ class ProtoPool(PrototypeModel):
         sim_maps = self.similarity(maps)
         weights = self.prototype_class_connection()[:, target].T  # (B, P)
         active = self.prototype_active()
-        score = (sim_maps.flatten(2).amax(dim=2) * weights).masked_fill((weights == 0) | ~active, float("-inf"))
+        sims = sim_maps.flatten(2).amax(dim=2)
+        # The target's slot prototypes by contribution first, then the other active ones by similarity.
+        score = torch.where(weights != 0, sims * weights, sims - 1e9).masked_fill(~active, float("-inf"))
         ids = score.topk(min(top_k, int(active.sum())), dim=1).indices
         heat = torch.einsum("bp,bphw->bhw", weights, sim_maps)
         evidence = self.prototype_evidence(sim_maps, weights, ids, size, percentile)

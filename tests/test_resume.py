@@ -42,6 +42,9 @@ SCRIPT = textwrap.dedent(
         pl.seed_everything(0)
         if family == "cam":
             model = CAMNet(num_classes=3, backbone="test_resnet", dropout=0.3, lr=1e-2, scheduler="step", step_size=1, gamma=0.5)
+        elif family == "protopool":  # epoch 0 warm, 1 joint (Gumbel noise and mixup draws), 2 push + last layer
+            model = create_model("protopool_test_resnet", num_classes=3, stage=2, warmup_time=2, num_train_epochs=3,
+                                 last_layer_epochs=1, lr=1e-2)
         else:  # a tree with derivative-free leaves, its trunk frozen in epoch 0 (phase warm), then joint
             model = create_model("prototree_test_resnet", num_classes=3, depth=2, freeze_epochs=1, lr_net=1e-2,
                                  milestones=[1, 2])
@@ -76,7 +79,7 @@ def _run(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT, fami
     return process.returncode, err[-3000:]
 
 
-@pytest.mark.parametrize("family", ["cam", "prototree"])
+@pytest.mark.parametrize("family", ["cam", "prototree", pytest.param("protopool", marks=pytest.mark.slow)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, family):
     # 5 batches per epoch. Killed after 2 batches of epoch 1 (step 7), and at the epoch boundary
     # (step 5: `last` was saved after the last batch of epoch 0, before its validation; Lightning
