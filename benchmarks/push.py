@@ -23,6 +23,10 @@ prototype's map, ours from the pushed prototype's own map, so boxes are not comp
     python benchmarks/push.py            # 2,000 images
     python benchmarks/push.py --quick    # 40 images at 64 px, 20 classes (P = 200): a smoke run
     python benchmarks/push.py --device cuda
+
+A last row times ProtoPool's projection (the same shared push, restricted by the slot map; P = classes + 2,
+as the official 202 for 200 classes, slots = --per-class) against one inference pass of the same ProtoPool
+(target <= 1.1x).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.common import sync, timed  # noqa: E402
-from models import ProtoPNet  # noqa: E402
+from models import ProtoPNet, ProtoPool  # noqa: E402
 from models.prototypes import PushSearch  # noqa: E402
 
 
@@ -265,6 +269,35 @@ def main() -> None:
     print(f"speed-up of ours: search (net) {ratio}, after-latent {a_r / a_o:.1f}x; same prototypes and receptive fields: yes")
     print(f"after-latent without boxes and patches (the nearest-patch search alone): ours {t_n_ours:.3f} s, "
           f"loop {t_n_ref:.3f} s, {t_n_ref / t_n_ours:.1f}x")
+    protopool_row(args, loader, device)
+
+
+def protopool_row(args: argparse.Namespace, loader, device: torch.device) -> tuple[float, float]:
+    """ProtoPool's push vs one inference pass of the same model over `loader` (medians of interleaved rounds)."""
+    torch.manual_seed(0)
+    model = ProtoPool(num_classes=args.classes, backbone=args.backbone, num_prototypes=args.classes + 2,
+                      slots_per_class=args.per_class, prototype_dim=args.dim).to(device).eval()
+    initial = model.prototype_vectors.detach().clone()
+
+    def inference():
+        with torch.no_grad():
+            for batch in loader:
+                model(batch["image"].to(device))
+
+    def push():
+        model.prototype_vectors.data.copy_(initial)
+        model.slots_hardened.fill_(False)
+        return model.push(loader)
+
+    inference()
+    times: dict[str, list[float]] = {"pass": [], "push": []}
+    for r in range(args.rounds):
+        for name in (["pass", "push"] * 2)[r % 2: r % 2 + 2]:
+            times[name].append(timed({"pass": inference, "push": push}[name], device)[0])
+    t_pass, t_push = float(np.median(times["pass"])), float(np.median(times["push"]))
+    print(f"ProtoPool projection (P={model.num_prototypes}, {args.per_class} slots per class, slot-map constraint): "
+          f"push {t_push:.2f} s, pass {t_pass:.2f} s, push/pass {t_push / t_pass:.3f} (target <= 1.1)")
+    return t_push, t_pass
 
 
 if __name__ == "__main__":

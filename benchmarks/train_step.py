@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from models import CAMNet, InterpretableCNN, PlainClassifier, ProtoPNet, ProtoTree  # noqa: E402
+from models import CAMNet, InterpretableCNN, PlainClassifier, ProtoPNet, ProtoPool, ProtoTree  # noqa: E402
 
 
 def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
@@ -36,6 +36,12 @@ def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
         return ProtoTree(num_classes=classes, backbone=backbone, depth=9)
     if family == "InterpretableCNN":
         return InterpretableCNN(num_classes=classes, backbone=backbone, stage=4)  # the whole trunk, as the others
+    if family == "ProtoPool":  # the official pool for 200 classes: P = 202, 10 slots per class; its full joint loss
+        model = ProtoPool(num_classes=classes, backbone=backbone, num_prototypes=classes + 2, slots_per_class=10,
+                          prototype_dim=128)
+        model.set_phase("joint")
+        model.current_gumbel_scale.fill_(100.0)  # a Gumbel-softmax epoch (official scale at epoch 1: 183)
+        return model
     raise ValueError(family)
 
 
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
-    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN"]
+    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN", "ProtoPool"]
     timers, peaks = {}, {}
     for family in families:  # build and warm up one after the other (memory growth per family) ...
         if args.device == "cuda":
