@@ -55,6 +55,13 @@ def _converted(official, tmp_path) -> ProtoPool:
     return load_pretrained(tmp_path / "zoo.pt", check_hash=False)
 
 
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("echo pwned",)
+
+
 def _normalise(x):
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -96,6 +103,9 @@ def test_convert_rejects_foreign_files_with_one_line(official, tmp_path):
     path = tmp_path / "x.pth"
     torch.save({"model_state_dict": {"w": torch.ones(1)}}, path)
     with pytest.raises(CheckpointError, match="proto_presence"):
+        convert_checkpoint(path, "protopool", tmp_path / "zoo.pt")
+    torch.save({"model_state_dict": official.state_dict(), "epoch": _Evil()}, path)  # a pickle that would run code
+    with pytest.raises(CheckpointError, match="refusing"):
         convert_checkpoint(path, "protopool", tmp_path / "zoo.pt")
     state = dict(official.state_dict(), ones=torch.zeros_like(official.ones))
     torch.save({"model_state_dict": state}, path)
