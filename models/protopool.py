@@ -476,7 +476,8 @@ def protopool_test_resnet(**kwargs: Any) -> ProtoPool:
 register_pretrained(PretrainedEntry(
     name="protopool_resnet18.synthparts", class_path="models.protopool.ProtoPool",
     dataset="SyntheticParts (10 classes, 64 px)", config="configs/protopool/synthetic.yaml",
-    notes="ResNet-18 cut after layer2, a pool of 30 prototypes with 5 slots per class (D = 64), the official "
+    notes="ResNet-18 cut after layer3 (from the released CAM trunk), a pool of 30 prototypes with 5 slots per class "
+          "(D = 64), the official "
           "warm / joint schedule with the Gumbel-softmax slot assignment, pushed onto the train split through the "
           "slot map, then the last layer fine-tuned; the file carries each prototype's patch, source index and boxes",
 ))
