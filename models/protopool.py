@@ -332,17 +332,22 @@ class ProtoPool(PrototypeModel):
         if not self._val_loss:
             return
         loss = float(torch.stack(self._val_loss).mean())  # official: the mean of the batch losses
-        acc = float(self.val_metrics["acc"].compute())
+        if self.plateau_step(loss, float(self.val_metrics["acc"].compute())):
+            for group in self.optimizers()[PHASES.index(self.phase)].param_groups:
+                group["lr"] *= hp.plateau_factor
+
+    def plateau_step(self, loss: float, acc: float) -> bool:
+        """Update the plateau counters with an epoch's validation loss and accuracy; True when the phase's lrs decay
+        now (official: the counter resets on a lower loss or a higher accuracy, and lrs decay while it is > patience)."""
         best_loss, best_acc, waiting = self.plateau_state.tolist()
         if loss < best_loss or acc > best_acc:
             self.plateau_state.copy_(torch.tensor([min(loss, best_loss), max(acc, best_acc), 0.0]))
-        else:
-            self.plateau_state[2] = waiting + 1
-            if waiting + 1 > hp.plateau_patience:
-                self.plateau_decays[PHASES.index(self.phase)] += 1
-                optimizer = self.optimizers()[PHASES.index(self.phase)]
-                for group in optimizer.param_groups:
-                    group["lr"] *= hp.plateau_factor
+            return False
+        self.plateau_state[2] = waiting + 1
+        if waiting + 1 <= self.hparams.plateau_patience:
+            return False
+        self.plateau_decays[PHASES.index(self.phase)] += 1
+        return True
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Official: warm Adam (add-on 3 lr wd 1e-3, Π 3 lr, prototypes 3 lr), joint Adam (trunk lr / 10 wd 1e-3,

@@ -206,6 +206,24 @@ def test_phases_freeze_exactly_the_right_parameters_and_follow_the_official_lrs(
     assert lrs[9] == pytest.approx([1e-4]) and lrs[14] == pytest.approx([1e-4 * 0.95])  # fine-tuning x0.95 per 5
 
 
+def test_plateau_decay_follows_the_official_counter():
+    model = create_model("protopool_test_resnet", plateau_patience=5)
+    model.set_phase("joint")
+    history = [(2.0, 0.5), (1.9, 0.4), *[(2.5, 0.3)] * 8, (1.8, 0.2), *[(3.0, 0.1)] * 7]
+    waiting, best_loss, best_acc, decays = 0, float("inf"), -1.0, []
+    for epoch, (loss, acc) in enumerate(history):  # official main.py, with --use_scheduler
+        if loss < best_loss or acc > best_acc:
+            waiting, best_loss, best_acc = 0, min(loss, best_loss), max(acc, best_acc)
+        else:
+            waiting += 1
+        if waiting > 5:
+            decays.append(epoch)
+        assert model.plateau_step(loss, acc) == (epoch in decays)
+    assert decays == [7, 8, 9, 16, 17] and int(model.plateau_decays[1]) == 5
+    plan = model.plan(model.hparams.warmup_time - 1)  # the first joint epoch
+    assert model.learning_rates(plan) == pytest.approx([f * 0.95 ** 5 for f in (1e-4, 3e-3, 3e-3, 3e-3)], rel=1e-9)
+
+
 # ------------------------------------------------------------------------------------------ push
 @pytest.fixture(scope="module")
 def data():
