@@ -42,7 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmarks.common import sync, timed  # noqa: E402
-from models import PIPNet, ProtoPNet  # noqa: E402
+from models import PIPNet, ProtoPNet, ProtoPool  # noqa: E402
 from models.prototypes import PushSearch  # noqa: E402
 
 
@@ -271,6 +271,7 @@ def main() -> None:
     print(f"after-latent without boxes and patches (the nearest-patch search alone): ours {t_n_ours:.3f} s, "
           f"loop {t_n_ref:.3f} s, {t_n_ref / t_n_ours:.1f}x")
     pipnet_topk(args, device, loader)
+    protopool_row(args, loader, device)
 
 
 def pipnet_topk(args, device: torch.device, loader) -> None:
@@ -298,6 +299,34 @@ def pipnet_topk(args, device: torch.device, loader) -> None:
     print(f"{'method':<20} {'search':>7} {'pass':>7} {'search/pass':>11}")
     print(f"{'top-k search':<20} {t_search:>7.2f} {t_pass:>7.2f} {t_search / t_pass:>11.3f}"
           f"{'' if t_search / t_pass <= 1.1 else ' (over 1.1x)'}")
+
+
+def protopool_row(args: argparse.Namespace, loader, device: torch.device) -> tuple[float, float]:
+    """ProtoPool's push vs one inference pass of the same model over `loader` (medians of interleaved rounds)."""
+    torch.manual_seed(0)
+    model = ProtoPool(num_classes=args.classes, backbone=args.backbone, num_prototypes=args.classes + 2,
+                      slots_per_class=args.per_class, prototype_dim=args.dim).to(device).eval()
+    initial = model.prototype_vectors.detach().clone()
+
+    def inference():
+        with torch.no_grad():
+            for batch in loader:
+                model(batch["image"].to(device))
+
+    def push():
+        model.prototype_vectors.data.copy_(initial)
+        model.slots_hardened.fill_(False)
+        return model.push(loader)
+
+    inference()
+    times: dict[str, list[float]] = {"pass": [], "push": []}
+    for r in range(args.rounds):
+        for name in (["pass", "push"] * 2)[r % 2: r % 2 + 2]:
+            times[name].append(timed({"pass": inference, "push": push}[name], device)[0])
+    t_pass, t_push = float(np.median(times["pass"])), float(np.median(times["push"]))
+    print(f"ProtoPool projection (P={model.num_prototypes}, {args.per_class} slots per class, slot-map constraint): "
+          f"push {t_push:.2f} s, pass {t_pass:.2f} s, push/pass {t_push / t_pass:.3f} (target <= 1.1)")
+    return t_push, t_pass
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from models import BcosNet, CAMNet, InterpretableCNN, PIPNet, PlainClassifier, ProtoPNet, ProtoTree  # noqa: E402
+from models import BcosNet, CAMNet, InterpretableCNN, PIPNet, PlainClassifier, ProtoPNet, ProtoPool, ProtoTree  # noqa: E402
 
 
 def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
@@ -42,6 +42,11 @@ def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
     if family.startswith("PIP-Net"):  # phase 2 ("full": all terms); a batch of B images is B/2 pairs of views
         model = PIPNet(num_classes=classes, backbone=backbone, official_strides="official" in family)
         model.set_phase("full")
+    if family == "ProtoPool":  # the official pool for 200 classes: P = 202, 10 slots per class; its full joint loss
+        model = ProtoPool(num_classes=classes, backbone=backbone, num_prototypes=classes + 2, slots_per_class=10,
+                          prototype_dim=128)
+        model.set_phase("joint")
+        model.current_gumbel_scale.fill_(100.0)  # a Gumbel-softmax epoch (official scale at epoch 1: 183)
         return model
     raise ValueError(family)
 
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
     families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN", "BcosNet", "PIP-Net",
-                "PIP-Net (official strides)"]
+                "PIP-Net (official strides)", "ProtoPool"]
     timers, peaks = {}, {}
     for family in families:  # build and warm up one after the other (memory growth per family) ...
         if args.device == "cuda":

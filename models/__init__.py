@@ -11,6 +11,7 @@ from .icnn import InterpretableCNN, InterpretableLayer
 from .protopnet import ProtoPNet, ProtoPNetEnsemble
 from .bcos import BcosNet
 from .pipnet import PIPNet
+from .protopool import ProtoPool
 
 __all__ = [
     "Backbone",
@@ -39,4 +40,5 @@ __all__ = [
     "ProtoPNetEnsemble",
     "BcosNet",
     "PIPNet",
+    "ProtoPool",
 ]

@@ -48,13 +48,15 @@ def _bbn_inat_to_resnet(state: dict) -> dict:
 
 
 def _weights_file(path: str | Path) -> dict:
-    """A local state dict (or a checkpoint holding one under "state_dict"), BBN's layout converted."""
+    """A local state dict (or a checkpoint holding one under "state_dict", as zoo files do), BBN's layout converted."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"backbone weights file not found: {path} (give an existing file with {PRETRAINED_FLAG})")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     if any(k.removeprefix("module.").startswith("backbone.cb_block") for k in state):
         state = _bbn_inat_to_resnet(state)
+    if any(k.startswith("backbone.body.") for k in state):  # a zoo model's trunk (e.g. a released zoo file)
+        state = {k.removeprefix("backbone.body."): v for k, v in state.items() if k.startswith("backbone.body.")}
     return state
 
 

@@ -1,4 +1,5 @@
-"""Import checkpoints saved by the official ProtoPNet, ProtoTree and PIP-Net code, without that code.
+"""Import checkpoints saved by the official ProtoPNet, ProtoTree and PIP-Net code (and ProtoPool's state dicts,
+`models.convert_protopool`), without that code.
 
 The official ProtoPNet (cfchen-duke/ProtoPNet) saves a whole pickled ``PPNet`` module
 (``torch.save(model)``, sometimes wrapped in ``DataParallel``); the official ProtoTree
@@ -532,7 +533,14 @@ def convert_pipnet(official: Any, backbone: str | None = None, num_classes: int 
 
 
 # ------------------------------------------------------------------------------ file to file
-_CONVERTERS = {"protopnet": convert_protopnet, "prototree": convert_prototree, "pipnet": convert_pipnet}
+def _convert_protopool(*args: Any, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+    # ProtoPool's official files are state dicts; its mapping lives in models/convert_protopool.py (which imports this file).
+    from .convert_protopool import convert_protopool
+
+    return convert_protopool(*args, **kwargs)
+
+
+_CONVERTERS = {"protopnet": convert_protopnet, "prototree": convert_prototree, "pipnet": convert_pipnet, "protopool": _convert_protopool}
 
 
 def convert_checkpoint(path: str | Path, arch: str, out: str | Path, backbone: str | None = None,

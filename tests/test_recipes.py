@@ -150,6 +150,38 @@ def test_prototree_cub_recipe_dry_run_follows_the_official_schedule(mini_cub, tm
     assert len(projected) > 0 and int(projected.max()) < len(dm.push_dataset)  # projected on the crops
 
 
+def official_protopool(lightning_epoch: int, num_train_epochs: int = 100, warmup_time: int = 10, lr: float = 1e-3):
+    """lr per trained group in a Lightning epoch under the official ProtoPool ``main.py`` (without --use_scheduler's
+    plateau decay): official epoch e = L + 1 (epoch 0 only evaluates); warm before warmup_time; joint with
+    StepLR(5, 0.1) stepped after each joint epoch; after epoch num_train_epochs - 1 the push and the fine-tuning
+    epochs t = 0, 1, ... at lr / 10 x 0.95^(t // 5)."""
+    e = lightning_epoch + 1
+    if e < warmup_time:
+        return {"add_on": 3 * lr, "slots": 3 * lr, "prototypes": 3 * lr}
+    if e < num_train_epochs:
+        f = 0.1 ** ((e - warmup_time) // 5)
+        return {"backbone": lr / 10 * f, "add_on": 3 * lr * f, "slots": 3 * lr * f, "prototypes": 3 * lr * f}
+    return {"last_layer": lr / 10 * 0.95 ** ((e - num_train_epochs) // 5)}
+
+
+@pytest.mark.slow  # ~1 min: 13 epochs through the CLI
+def test_protopool_cub_recipe_dry_run_follows_the_official_schedule(mini_cub, tmp_path, one_thread):
+    recipe = _recipe("protopool/cub_resnet50.yaml")
+    init, data = recipe["model"]["init_args"], recipe["data"]["init_args"]
+    assert recipe["trainer"]["max_epochs"] == 99 + 25 and (init["num_prototypes"], init["slots_per_class"],
+                                                           init["prototype_dim"]) == (202, 10, 256)
+    assert data["augment"] == "protopnet" and data["batch_size"] == 80 and data["crop_to_bbox"]
+    assert data["epoch_repeats"] * CUB_TRAIN == 179_820
+    assert Path(init["pretrained_backbone"]).name == "BBN.iNaturalist2017.res50.180epoch.best_model.pth"
+    n_train, epochs, trained = 6, 13, 12  # warm 0-8, joint 9-10, push at the start of 11, fine-tuning 11-12
+    cli, record = dry_run("protopool/cub_resnet50.yaml", mini_cub, tmp_path, epochs, math.ceil(30 * n_train / 8),
+                          "--model.init_args.num_train_epochs", str(trained), "--model.init_args.plateau_patience", "null")
+    assert cli.model.schedule_length() == trained - 1 + 25
+    for epoch in range(epochs):
+        assert _close(record.lrs[epoch], official_protopool(epoch, trained)), (epoch, record.lrs[epoch])
+    assert record.pushed == [11]
+
+
 def test_recipes_use_the_papers_weights():
     import timm
 

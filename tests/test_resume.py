@@ -45,6 +45,9 @@ SCRIPT = textwrap.dedent(
         elif family == "pipnet":  # 0 pretraining | 1 classifier only | 2 everything: two optimisers, per-step rates
             model = create_model("pipnet_test_resnet", num_classes=3, epochs_pretrain=1, epochs=2, finetune_epochs=1,
                                  freeze_epochs=1, lr_block=1e-2, lr_net=1e-2, topk=2, patch_size=8)
+        elif family == "protopool":  # epoch 0 warm, 1 joint (Gumbel noise and mixup draws), 2 push + last layer
+            model = create_model("protopool_test_resnet", num_classes=3, stage=2, warmup_time=2, num_train_epochs=3,
+                                 last_layer_epochs=1, lr=1e-2)
         else:  # a tree with derivative-free leaves, its trunk frozen in epoch 0 (phase warm), then joint
             model = create_model("prototree_test_resnet", num_classes=3, depth=2, freeze_epochs=1, lr_net=1e-2,
                                  milestones=[1, 2])
@@ -79,7 +82,7 @@ def _run(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT, fami
     return process.returncode, err[-3000:]
 
 
-@pytest.mark.parametrize("family", ["cam", "prototree", "pipnet"])
+@pytest.mark.parametrize("family", ["cam", "prototree", "pipnet", pytest.param("protopool", marks=pytest.mark.slow)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, family):
     # 5 batches per epoch. Killed after 2 batches of epoch 1 (step 7), and at the epoch boundary
     # (step 5: `last` was saved after the last batch of epoch 0, before its validation; Lightning
