@@ -9,6 +9,7 @@ from .registry import create_model, is_model, list_models, register_model
 from .prototree import ProtoTree, ProtoTreeEnsemble
 from .icnn import InterpretableCNN, InterpretableLayer
 from .protopnet import ProtoPNet, ProtoPNetEnsemble
+from .cbm import ConceptBottleneck
 
 __all__ = [
     "Backbone",
@@ -35,4 +36,5 @@ __all__ = [
     "InterpretableLayer",
     "ProtoPNet",
     "ProtoPNetEnsemble",
+    "ConceptBottleneck",
 ]
