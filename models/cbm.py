@@ -321,7 +321,7 @@ class ConceptBottleneck(InterpretableClassifier):
             inputs = self.predictor_input(concept_logits)
             logits = self.predictor(inputs)
         target = self._target(logits, target)
-        weights = self.predictor.weight[target]  # (B, k)
+        weights = self.predictor.weight.detach()[target]  # (B, k)
         slope = inputs * (1 - inputs) if self.use_sigmoid else torch.ones_like(inputs)
         if attribution is None:
             maps = self._concept_maps(features, tuple(images.shape[-2:]))

@@ -335,3 +335,55 @@ def test_cub_attribute_file_errors_name_file_and_line(tmp_path):
     path.write_text("\n".join(lines[:10 * 312 + 311] + lines[11 * 312:]) + "\n")  # image 11 (train), attribute 312
     with pytest.raises(DataFormatError, match="no entry for image 11, attribute 312"):
         CUB200(str(root), attributes="published").concept_table()
+
+
+# ------------------------------------------------------------------------------------------ applications
+SYNTH = {"num_classes": 10, "image_size": 32, "seed": 0, "test_size": 12}
+
+
+def _run_checkpoint(tmp_path: Path) -> tuple[ConceptBottleneck, Path]:
+    """A small joint CBM saved as train.py saves it, in a run folder whose config.yaml holds the data recipe."""
+    import yaml
+
+    dm = SyntheticParts(**SYNTH)
+    torch.manual_seed(0)
+    model = models.create_model("cbm_test_resnet", num_classes=10, num_concepts=20, concept_groups=dm.concept_groups,
+                                concept_names=dm.concept_names)
+    run = tmp_path / "runs" / "tiny_cbm" / "20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    path = run / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "zoo_class_path": "models.cbm.ConceptBottleneck"}, path)
+    config = {"data": {"class_path": "train.data.SyntheticParts", "init_args": SYNTH}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return model.eval(), path
+
+
+def test_intervene_command_writes_the_curve_of_the_checkpoint(tmp_path):
+    from explain.interventions import concept_outputs
+    from train.apps import load_synthetic
+    from train.intervene import main
+
+    model, path = _run_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    curves = main(["--checkpoint", f"joint={path}", "--num-images", "12", "--trials", "2", "--device", "cpu", "--out", str(out)])
+    assert {p.name for p in out.iterdir()} == {"curves.csv", "table.md", "intervention.png"}
+    data = load_synthetic(SYNTH, 12)
+    expected = intervention_curve(model, concept_outputs(model, data["image"]), data["concepts"], data["label"], trials=2)
+    assert curves["joint"] == expected and len(expected["groups"]) == 5  # 0..4 part slots
+    assert "| joint |" in (out / "table.md").read_text()
+    with pytest.raises(ValueError, match="no concepts to intervene on"):
+        main(["--checkpoint", "cam_resnet18.synthparts", "--out", str(out)])
+
+
+def test_compare_scores_its_own_explanation_and_the_report_draws_its_concepts(tmp_path):
+    from explain.report import model_figures
+    from train.compare import main as compare
+
+    model, path = _run_checkpoint(tmp_path)
+    summary = compare(["--checkpoint", f"cbm={path}", "--methods", "intrinsic", "gradcam", "--metrics", "deletion",
+                       "pointing_game", "--num-images", "2", "--device", "cpu", "--out", str(tmp_path / "cmp")])
+    assert {(s["method"], s["metric"]) for s in summary} >= {("intrinsic", "deletion"), ("gradcam", "pointing_game")}
+    images = torch.rand(2, 3, 32, 32)
+    captions = [c for c, _ in model_figures(model, images, torch.tensor([0, 1]), num_images=2)]
+    assert any("through its concepts" in c for c in captions)
