@@ -11,6 +11,7 @@ family's step <= 1.15x the plain classifier's.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import resource
 import statistics
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from models import CAMNet, InterpretableCNN, PlainClassifier, ProtoPNet, ProtoTree  # noqa: E402
+from models import ConceptBottleneck  # noqa: E402
 
 
 def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
@@ -36,11 +38,17 @@ def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
         return ProtoTree(num_classes=classes, backbone=backbone, depth=9)
     if family == "InterpretableCNN":
         return InterpretableCNN(num_classes=classes, backbone=backbone, stage=4)  # the whole trunk, as the others
+    if family == "ConceptBottleneck":  # joint, the paper's 112 concepts, 28 groups
+        return ConceptBottleneck(num_classes=classes, num_concepts=112, concept_groups=[j // 4 for j in range(112)],
+                                 backbone=backbone)
     raise ValueError(family)
 
 
 def loss_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The family's own training loss (all its terms), or cross-entropy for a plain classifier."""
+    if "concepts" in inspect.signature(getattr(model, "compute_losses", lambda: None)).parameters:
+        concepts = torch.randint(0, 2, (len(labels), model.num_concepts), generator=torch.Generator().manual_seed(0))
+        return model.compute_losses(images, labels, concepts.to(images.device))[1]["loss"]
     if hasattr(model, "compute_losses"):
         try:
             return model.compute_losses(images, labels)[1]["loss"]
@@ -96,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
-    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN"]
+    families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN", "ConceptBottleneck"]
     timers, peaks = {}, {}
     for family in families:  # build and warm up one after the other (memory growth per family) ...
         if args.device == "cuda":

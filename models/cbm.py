@@ -8,8 +8,7 @@ concept logits or, with ``use_sigmoid``, on the probabilities. The three trainin
   official code's ``-normalize_loss`` does (lambda per concept, summed over the k concepts);
 * ``sequential``: g on the concept loss (mean over concepts) for `concept_epochs`, then g frozen and f
   on the *predicted* concept logits;
-* ``independent``: g as above; f on the *true* 0/1 concepts (trained alongside g, since neither loss
-  reaches the other's parameters, and alone afterwards); at test time f reads sigmoid(l).
+* ``independent``: g as above, then f on the *true* 0/1 concepts; at test time f reads sigmoid(l).
 
 w_j are the concept weights (``weighted_loss``: N / N_pos,j - 1 on the training concepts, passed as
 BCE's ``weight``, not ``pos_weight``, as the official ``find_class_imbalance``). Batches carry
@@ -70,7 +69,7 @@ class ConceptBottleneck(InterpretableClassifier):
             sequential and joint: False); independent requires True.
         weighted_loss: weight each concept's BCE by N / N_pos - 1 from the training concepts (computed at the
             start of fit from the datamodule's ``concept_positive_counts()``, stored as a buffer).
-        concept_epochs: sequential / independent: epochs of the x -> c stage; f alone trains afterwards.
+        concept_epochs: sequential / independent: epochs of the x -> c stage (g alone); f alone trains afterwards.
         **kwargs: optimisation arguments of `InterpretableClassifier` (`group_lr` names ``concepts``
             (trunk and concept layer) and ``predictor``).
     """
@@ -165,7 +164,7 @@ class ConceptBottleneck(InterpretableClassifier):
 
     def enter_phase(self, plan: EpochPlan) -> None:
         trains_g = plan.phase in ("joint", "concepts")
-        trains_f = plan.phase in ("joint", "predictor") or self.mode == "independent"
+        trains_f = plan.phase in ("joint", "predictor")
         for group, on in (("concepts", trains_g), ("predictor", trains_f)):
             for p in self.parameter_groups()[group]:
                 p.requires_grad_(on)
@@ -181,6 +180,19 @@ class ConceptBottleneck(InterpretableClassifier):
             self.backbone.eval()
             self.dropout.eval()
         return self
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        groups = getattr(datamodule, "concept_groups", None)
+        if groups is None:
+            return
+        if len(groups) != self.num_concepts:
+            raise ValueError(f"the model has {self.num_concepts} concepts but the data ({type(datamodule).__name__}) has {len(groups)}")
+        order = list(dict.fromkeys(groups))
+        if [order.index(g) for g in groups] != self.concept_group.tolist():
+            raise ValueError(f"the model's concept_groups differ from the data's ({type(datamodule).__name__}): "
+                             f"pass concept_groups: {list(groups)}")
 
     def on_fit_start(self) -> None:
         if not self.hparams.get("weighted_loss"):
@@ -221,14 +233,12 @@ class ConceptBottleneck(InterpretableClassifier):
             if self.hparams.normalize_loss:
                 total = total / (1 + self.hparams.concept_loss_weight * k)
             return logits, concept_logits, {"loss": total, "cross_entropy": ce, "concept_loss": concept_term}
-        if self.mode == "independent":  # f on the true concepts, in both stages
-            ce = F.cross_entropy(self.predictor(concepts.float()), labels)
-        else:  # sequential: f on g's logits (detached: no gradient reaches g), trained in the predictor stage
-            ce = F.cross_entropy(logits if phase == "predictor" else logits.detach(), labels)
-        x_to_c = concept_term / k if phase == "concepts" else concept_term.detach() / k
-        trains_f = phase == "predictor" or self.mode == "independent"
-        total = (ce if trains_f else 0.0) + (x_to_c if phase == "concepts" else 0.0)
-        return logits, concept_logits, {"loss": total, "cross_entropy": ce, "concept_loss": concept_term}
+        if phase == "concepts":  # x -> c alone: the official bottleneck loss, the mean over concepts
+            ce = F.cross_entropy(logits.detach(), labels)
+            return logits, concept_logits, {"loss": concept_term / k, "cross_entropy": ce, "concept_loss": concept_term}
+        # c -> y with g frozen: on the true concepts (independent) or on g's logits, computed without gradient
+        ce = F.cross_entropy(self.predictor(concepts.float()) if self.mode == "independent" else logits, labels)
+        return logits, concept_logits, {"loss": ce, "cross_entropy": ce, "concept_loss": concept_term.detach()}
 
     def compute_losses(self, images: Tensor, labels: Tensor, concepts: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if concepts is None:
