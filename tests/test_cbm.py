@@ -388,3 +388,20 @@ def test_compare_scores_its_own_explanation_and_the_report_draws_its_concepts(tm
     images = torch.rand(2, 3, 32, 32)
     captions = [c for c, _ in model_figures(model, images, torch.tensor([0, 1]), num_images=2)]
     assert any("through its concepts" in c for c in captions)
+
+
+@pytest.mark.parametrize("recipe", ["cub_joint", "cub_sequential", "cub_independent", "synthetic"])
+def test_recipes_build_the_papers_model(recipe):
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "cbm" / f"{recipe}.yaml").read_text())
+    args = dict(config["model"]["init_args"], backbone="test_resnet", pretrained_backbone=False)
+    model = ConceptBottleneck(**args)
+    assert model.num_groups == (28 if recipe.startswith("cub") else 4)
+    if recipe.startswith("cub"):  # the official effective input normalisation: sigma_c (x - 0.5) + 2 mu_c - 1
+        x = torch.rand(1, 3, 4, 4)
+        mu, sigma = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+        assert torch.allclose(model.normalize(x), sigma * (x - 0.5) + 2 * mu - 1, atol=1e-4)
+        assert config["data"]["init_args"]["attributes"] == "published" and config["model"]["init_args"]["weighted_loss"]
+    total = config["trainer"]["max_epochs"]
+    assert {model.plan(e).phase for e in range(total)} == ({"joint"} if args["mode"] == "joint" else {"concepts", "predictor"})

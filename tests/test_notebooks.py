@@ -20,7 +20,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 KERNEL = "izoo-test-kernel"
 # Figures each notebook displays at least (03: one more where Graphviz renders the tree).
 MIN_FIGURES = {"01_quick_start": 8, "02_protopnet": 5, "03_prototree": 3, "04_interpretable_cnn": 3,
-               "05_posthoc_comparison": 1}
+               "05_posthoc_comparison": 1, "07_concept_bottleneck": 5}
 
 pytestmark = pytest.mark.notebooks
 
@@ -40,7 +40,8 @@ def kernel_env(tmp_path_factory):
 
 def test_there_are_five_notebooks_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_quick_start.ipynb", "02_protopnet.ipynb", "03_prototree.ipynb",
-                                           "04_interpretable_cnn.ipynb", "05_posthoc_comparison.ipynb"]
+                                           "04_interpretable_cnn.ipynb", "05_posthoc_comparison.ipynb",
+                                           "07_concept_bottleneck.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
