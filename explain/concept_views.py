@@ -34,8 +34,8 @@ def concept_explanation_figure(model: Any, image: torch.Tensor, target: int | No
     order = contributions.abs().argsort(descending=True)[:top_k].tolist()
     names = ev["concept_names"]
     columns = 2 + min(3, len(order))
-    fig = plt.figure(figsize=(2.3 * columns + 2.5, 2.6))
-    grid = fig.add_gridspec(1, columns + 1, width_ratios=[1, 2.2] + [1] * (columns - 1))
+    fig = plt.figure(figsize=(2.2 * columns + 2.6, 2.6))
+    grid = fig.add_gridspec(1, columns, width_ratios=[1, 2.2] + [1] * (columns - 2))
     ax = fig.add_subplot(grid[0, 0])
     cls = int(e.target[0])
     _show(ax, overlay_heatmap(image, e.heatmap[0]), f"{_class_name(cls, class_names)}\nlogit {float(e.logits[0, cls]):.2f}")

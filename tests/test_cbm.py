@@ -405,3 +405,13 @@ def test_recipes_build_the_papers_model(recipe):
         assert config["data"]["init_args"]["attributes"] == "published" and config["model"]["init_args"]["weighted_loss"]
     total = config["trainer"]["max_epochs"]
     assert {model.plan(e).phase for e in range(total)} == ({"joint"} if args["mode"] == "joint" else {"concepts", "predictor"})
+
+
+@pytest.mark.slow
+def test_synthetic_recipe_reaches_90_percent_with_accurate_concepts(tmp_path):
+    from train.cli import main
+
+    cli = main(["fit", "--config", "configs/cbm/synthetic.yaml", "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--runs_root", str(tmp_path), "--name", "cbm"])
+    metrics = cli.trainer.callback_metrics  # after test_after_fit: the best checkpoint on the test split
+    assert metrics["test/acc"] >= 0.9 and metrics["test/concept_acc"] >= 0.9
