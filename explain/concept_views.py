@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .viz import PANEL_SIZE, _class_name, _evaluating, _finish, _show, overlay_heatmap, plt
 
@@ -67,6 +68,7 @@ def intervention_figure(curves: dict[str, dict[str, Any]], title: str = "Test-ti
         ax.plot(curve["groups"], curve["accuracy"], marker="o", markersize=3, color=colour, label=name)
         if mean and "accuracy_mean" in curve:
             ax.plot(curve["groups"], curve["accuracy_mean"], linestyle="--", color=colour, linewidth=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("concept groups intervened on")
     ax.set_ylabel("task accuracy")
     ax.set_ylim(min(0.0, *(min(c["accuracy_mean"] if mean else c["accuracy"]) for c in curves.values())), 1.02)

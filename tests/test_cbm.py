@@ -137,6 +137,14 @@ def test_bad_arguments_and_batches_fail_in_one_line():
         tiny("both")
     with pytest.raises(ValueError, match="concept_groups"):
         models.create_model("cbm_test_resnet", num_classes=4, num_concepts=6, concept_groups=[0, 1])
+    import types
+
+    model = tiny()
+    model._trainer = types.SimpleNamespace(datamodule=types.SimpleNamespace(concept_groups=[0, 0, 0, 1, 1, 2]))
+    with pytest.raises(ValueError, match=r"concept_groups differ from the data's .*\[0, 0, 0, 1, 1, 2\]"):
+        model.setup("fit")
+    model._trainer.datamodule.concept_groups = [5, 5, 7, 7, 1, 1]  # the same partition, other ids: accepted
+    model.setup("fit")
     images, labels, _ = batch()
     with pytest.raises(ValueError, match="needs 'concepts'"):
         tiny().batch_losses({"image": images, "label": labels}, "train")
