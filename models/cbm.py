@@ -317,7 +317,7 @@ class ConceptBottleneck(InterpretableClassifier):
         """The predicted concepts, their contribution to the target class and a heatmap per concept.
 
         ``heatmap`` (B, H, W) is the chain rule through f: sum_j d logit_target / d l_j x map_j (with the
-        default maps, exactly Grad-CAM of the target class at the trunk's last layer). `attribution`
+        default maps, Grad-CAM of the target class at the trunk's last layer before its ReLU, times h w). `attribution`
         computes the concept maps with a post-hoc method on the concept logit, e.g.
         ``functools.partial(explain.posthoc.attribute, method="integrated_gradients")``; None = CAM.
 
@@ -374,7 +374,7 @@ def cbm_test_resnet(**kwargs: Any) -> ConceptBottleneck:
 
 
 register_pretrained(PretrainedEntry(
-    name="cbm_resnet18.synthparts", class_path="models.cbm.ConceptBottleneck", dataset="SyntheticParts (10 classes, 64 px)",
+    name="cbm_resnet18.synthparts", class_path="models.cbm.ConceptBottleneck", dataset="SyntheticParts (10 classes, 48 px)",
     config="configs/cbm/synthetic.yaml",
     notes="joint CBM, ResNet-18 cut after layer2, 20 concepts (the variant of each of the 4 part slots)",
 ))
