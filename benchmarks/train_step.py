@@ -12,6 +12,7 @@ its phase-2 loss terms; "official strides" is its trunk with layer3 and layer4 a
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import resource
 import statistics
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from models import BcosNet, CAMNet, InterpretableCNN, PIPNet, PlainClassifier, ProtoPNet, ProtoPool, ProtoTree  # noqa: E402
+from models import BcosNet, CAMNet, ConceptBottleneck, InterpretableCNN, PIPNet, PlainClassifier, ProtoPNet, ProtoPool, ProtoTree  # noqa: E402
 
 
 def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
@@ -42,12 +43,16 @@ def build(family: str, classes: int, backbone: str) -> torch.nn.Module:
     if family.startswith("PIP-Net"):  # phase 2 ("full": all terms); a batch of B images is B/2 pairs of views
         model = PIPNet(num_classes=classes, backbone=backbone, official_strides="official" in family)
         model.set_phase("full")
+        return model
     if family == "ProtoPool":  # the official pool for 200 classes: P = 202, 10 slots per class; its full joint loss
         model = ProtoPool(num_classes=classes, backbone=backbone, num_prototypes=classes + 2, slots_per_class=10,
                           prototype_dim=128)
         model.set_phase("joint")
         model.current_gumbel_scale.fill_(100.0)  # a Gumbel-softmax epoch (official scale at epoch 1: 183)
         return model
+    if family == "ConceptBottleneck":  # joint, the paper's 112 concepts, 28 groups
+        return ConceptBottleneck(num_classes=classes, num_concepts=112, concept_groups=[j // 4 for j in range(112)],
+                                 backbone=backbone)
     raise ValueError(family)
 
 
@@ -55,6 +60,9 @@ def loss_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) 
     """The family's own training loss (all its terms), or cross-entropy for a plain classifier."""
     if isinstance(model, PIPNet):
         return model.compute_losses(images, labels[: len(labels) // 2], plan=model.plan(model.hparams.epochs_pretrain + 20))[1]["loss"]
+    if "concepts" in inspect.signature(getattr(model, "compute_losses", lambda: None)).parameters:
+        concepts = torch.randint(0, 2, (len(labels), model.num_concepts), generator=torch.Generator().manual_seed(0))
+        return model.compute_losses(images, labels, concepts.to(images.device))[1]["loss"]
     if hasattr(model, "compute_losses"):
         try:
             return model.compute_losses(images, labels)[1]["loss"]
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     labels = torch.randint(0, args.classes, (args.batch,), device=args.device)
     families = ["plain timm classifier", "CAMNet", "ProtoPNet", "ProtoTree", "InterpretableCNN", "BcosNet", "PIP-Net",
-                "PIP-Net (official strides)", "ProtoPool"]
+                "PIP-Net (official strides)", "ProtoPool", "ConceptBottleneck"]
     timers, peaks = {}, {}
     for family in families:  # build and warm up one after the other (memory growth per family) ...
         if args.device == "cuda":

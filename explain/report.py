@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from explain import viz
+from explain.concept_views import concept_explanation_figure, is_concept_model
 
 __all__ = ["model_figures", "render_section", "write_report"]
 
@@ -51,7 +52,8 @@ def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: 
     What is drawn follows what the model offers, never its class: every prototype model (the prototype
     interface of `models.prototype_model`) gets the gallery, "this looks like that" and the global
     analysis; a tree (``structure()``) its tree and decision path; filter models (``filter_categories()``)
-    their filter parts; any other model its explanations of the top-3 classes. `localisation` is the
+    their filter parts; concept models (`explain.concept_views.is_concept_model`) the decision through their
+    concepts; any other model its explanations of the top-3 classes. `localisation` is the
     method of the prototypes' maps and boxes in "this looks like that" (`explain.prototype_localisation`).
     `part_labels` and `because` label the gallery's prototypes (`viz.prototype_gallery`), and
     `evidence_note` ends its caption.
@@ -87,7 +89,12 @@ def model_figures(model: nn.Module, images: torch.Tensor | None = None, labels: 
     if filters:
         figures.append(("Filter parts: per class, the filter of that category with the highest mean peak, on its "
                         "top test images.", viz.icnn_filter_gallery(model, images[:32], k=4, class_names=class_names)))
-    if not (prototypes or tree or filters):
+    concepts = is_concept_model(model)
+    if concepts:
+        figures.append(("The first test image's decision through its concepts: the largest contributions to the "
+                        "predicted class (probability in brackets) and those concepts' maps.",
+                        concept_explanation_figure(model, examples[0], class_names=class_names)))
+    if not (prototypes or tree or filters or concepts):
         figures.append(("The model's explanations of each image's top-3 classes.",
                         viz.cam_grid(model, examples, top=3, class_names=class_names, labels=labels)))
     explanation = model.explain(examples)

@@ -12,6 +12,7 @@ from .protopnet import ProtoPNet, ProtoPNetEnsemble
 from .bcos import BcosNet
 from .pipnet import PIPNet
 from .protopool import ProtoPool
+from .cbm import ConceptBottleneck
 
 __all__ = [
     "Backbone",
@@ -41,4 +42,5 @@ __all__ = [
     "BcosNet",
     "PIPNet",
     "ProtoPool",
+    "ConceptBottleneck",
 ]

@@ -40,7 +40,7 @@ def test_synthetic_batches_follow_the_contract():
     dm.setup("fit")
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader(), dm.push_dataloader()):
         b = next(iter(loader))
-        assert set(b) == {"image", "label", "index", "part_masks", "keypoints", "body_box"}
+        assert set(b) == {"image", "label", "index", "part_masks", "keypoints", "body_box", "concepts"}
         n = b["image"].shape[0]
         assert b["image"].dtype == torch.float32 and b["image"].shape == (n, 3, 64, 64)
         assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0 and b["image"].max() > 0.5

@@ -24,7 +24,7 @@ _spec.loader.exec_module(refresh)
 NOTEBOOKS = refresh.notebooks()
 # Figures each notebook displays at least (03: one more where Graphviz renders the tree).
 MIN_FIGURES = {"01_quick_start": 8, "02_protopnet": 5, "03_prototree": 3, "04_interpretable_cnn": 3,
-               "05_posthoc_comparison": 1, "06_pipnet": 4, "08_bcos": 3}
+               "05_posthoc_comparison": 1, "06_pipnet": 4, "07_concept_bottleneck": 5, "08_bcos": 3}
 
 pytestmark = pytest.mark.notebooks
 

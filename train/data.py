@@ -6,7 +6,8 @@ datasets in `train.datasets`, the augmentations in `train.transforms`.
 
 SyntheticParts items add "part_masks" bool (S, H, W), "keypoints" float32 (S, 3) = (x, y, visible) and
 "body_box" float32 (4,) = (x0, y0, x1, y1) to the batch contract of `train.datamodule`, in the returned
-image's pixel coordinates. Augmentation moves images, masks, boxes and keypoints together; a keypoint
+image's pixel coordinates, and "concepts" float32 (S * V,), the class's one-hot part variants
+(`train.synthetic_concepts`). Augmentation moves images, masks, boxes and keypoints together; a keypoint
 that leaves the canvas becomes invisible.
 """
 
@@ -38,6 +39,7 @@ from .datasets import (
     one_line,
 )
 from .synthetic import PART_NAMES, SyntheticPartsGenerator
+from .synthetic_concepts import class_concepts, concept_groups, concept_names
 from .transforms import AUGMENTATIONS, Augmentation, apply_transform, build_train_transform, to_float, train_augmentation
 
 __all__ = [
@@ -136,6 +138,7 @@ class SyntheticPartsDataset(Dataset):
         self.size = int(size)
         self.transform = transform
         self.arrays = arrays
+        self.class_concepts = torch.from_numpy(class_concepts(generator))
 
     def __len__(self) -> int:
         return self.size
@@ -191,6 +194,7 @@ class SyntheticPartsDataset(Dataset):
             "part_masks": masks,
             "keypoints": kp,
             "body_box": bx,
+            "concepts": self.class_concepts[label],
         }
         if second is not None:
             item["image2"] = to_float(image2)
@@ -251,6 +255,20 @@ class SyntheticParts(ZooDataModule):
     @property
     def part_names(self) -> tuple[str, ...]:
         return PART_NAMES
+
+    @property
+    def concept_names(self) -> list[str]:
+        """Concepts of a concept bottleneck model: one per (part slot, variant) (`train.synthetic_concepts`)."""
+        return concept_names()
+
+    @property
+    def concept_groups(self) -> list[int]:
+        return concept_groups()
+
+    def concept_positive_counts(self) -> tuple[np.ndarray, int]:
+        """(positives per concept, number of images) over the train split (concept loss weights)."""
+        labels = np.array([self.generator.label_of(i) for i in range(self.sizes["train"])], dtype=np.int64)
+        return class_concepts(self.generator)[labels].sum(0), len(labels)
 
     def _split_arrays(self, split: str) -> dict[str, np.ndarray] | None:
         if self.cache is False or self.cache is None:

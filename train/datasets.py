@@ -330,6 +330,9 @@ class CUB200(_FileDataModule):
     ``epoch_repeats`` to 5 for one official epoch, each view once).
     Labels are 0-based. ``num_classes``, ``class_names`` and ``part_names`` read only ``classes.txt``
     and ``parts/parts.txt``, so they are available right after construction.
+    ``attributes``: items also carry ``"concepts"``, class-level attribute labels (majority vote over the
+    train split, `train.cub_attributes`): ``"published"`` = the 112 attributes of Koh et al., ``"recomputed"``
+    = those 1 for at least ``min_class_count`` classes of this split; None = no concepts.
     ``loader_args``: those of `ZooDataModule` (batch sizes, workers, augment, epoch_repeats).
     """
 
@@ -344,10 +347,15 @@ class CUB200(_FileDataModule):
         val_fraction: float = 0.0,
         seed: int = 0,
         skip_corrupt: bool = False,
+        attributes: str | None = None,
+        min_class_count: int = 10,
         **loader_args: Any,
     ) -> None:
         super().__init__(**loader_args)
         self.save_hyperparameters()
+        if attributes not in (None, "published", "recomputed"):
+            raise ValueError(f"attributes must be None, 'published' or 'recomputed', got {attributes!r}")
+        self.attributes, self.min_class_count, self._concepts = attributes, int(min_class_count), None
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.root = Path(root)
@@ -462,7 +470,29 @@ class CUB200(_FileDataModule):
         rec = self._filtered_records()["train" if split == "push" else split]
         return np.asarray(rec["ids"])
 
+    def concept_table(self) -> dict[str, Any]:
+        """The concepts (`train.cub_attributes.concept_table`) from the train split's annotations."""
+        if self.attributes is None:
+            raise ValueError("CUB200 was built without attributes; pass attributes='published' or 'recomputed'")
+        if self._concepts is None:
+            from .cub_attributes import concept_table
+            train = self._filtered_records()["train"]
+            self._concepts = concept_table(self.root, train["ids"], train["labels"], self.num_classes,
+                                           self.attributes, self.min_class_count)
+        return self._concepts
+
+    concept_names = property(lambda self: list(self.concept_table()["names"]))
+    concept_groups = property(lambda self: list(self.concept_table()["groups"]))
+
+    def concept_positive_counts(self) -> tuple[np.ndarray, int]:
+        return self.concept_table()["positives"], self.concept_table()["count"]
+
     def _build_dataset(self, split: str) -> ImageRecordDataset:
+        from .cub_attributes import ConceptItems
+        dataset = self._image_dataset(split)
+        return dataset if self.attributes is None else ConceptItems(dataset, self.concept_table()["class_concepts"])
+
+    def _image_dataset(self, split: str) -> ImageRecordDataset:
         rec = self._filtered_records()["train" if split == "push" else split]
         corners = self.train_corners and split == "train"
         crop = self.crop_to_bbox if split in ("train", "push") else self.test_crop_to_bbox
