@@ -70,7 +70,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-arg", nargs="*", default=[], help="SyntheticParts overrides, key=value (YAML values)")
     p.add_argument("--target", choices=["label", "prediction"], default="label", help="the class that is explained")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help="fewer samples for RISE, LIME, SHAP, IG, SmoothGrad")
+    p.add_argument("--quick", action="store_true", help="fewer samples for RISE, LIME, SHAP, IG, SmoothGrad, XRAI, extremal, meaningful")
     p.add_argument("--figure-images", type=int, default=6)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
