@@ -23,6 +23,7 @@ iterations, m clipped to [0, 1]; a random jitter of up to 4 px. The map is 1 - m
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,7 @@ def _reward(logits: Tensor, target: Tensor, contrastive: bool) -> Tensor:
 
 
 def extremal_perturbation(
-    model: nn.Module, images: Tensor, target: Tensor, areas=(0.1,), variant: str = "preserve",
+    model: nn.Module, images: Tensor, target: Tensor, areas: Sequence[float] | float = (0.1,), variant: str = "preserve",
     max_iter: int = 800, step: int = 7, sigma: float = 21.0, levels: int = 8, max_blur: float = 20.0,
     jitter: bool = True, contrastive: bool = False, lam: float = 300.0, lam_growth: float = 1.0035,
     lr: float = 0.01, momentum: float = 0.9,

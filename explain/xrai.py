@@ -18,6 +18,8 @@ the greedy selection per image on the device.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +41,7 @@ def _disk(radius: int, device) -> Tensor:
     return ((r[:, None] ** 2 + r[None, :] ** 2) <= radius**2).float()[None, None]
 
 
-def xrai_segments(image: Tensor, scales=FELZENSZWALB_SCALES, dilation: int = DILATION_RADIUS) -> Tensor:
+def xrai_segments(image: Tensor, scales: Sequence[int] = FELZENSZWALB_SCALES, dilation: int = DILATION_RADIUS) -> Tensor:
     """(n, H, W) bool candidate masks of one image (C, H, W): every Felzenszwalb segment of every scale,
     dilated by a disk of radius `dilation` (0: none), on the image's device."""
     from skimage.segmentation import felzenszwalb  # lazy: scikit-image is only needed here

@@ -13,6 +13,7 @@ should not be significant. The scores and the test come from `explain.tcav.run_t
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -55,11 +56,27 @@ def concept_images(generator, n: int, slot: int | None, variant: int | None, sta
 
 
 def _default_layers(model: torch.nn.Module, image_size: int) -> list[str]:
-    """The module ending in ``layer3`` (the trunk's third stage) and the last 4-D map (`find_layer`)."""
+    """The last trunk stage (a module named ``layer<k>``) whose output is not the last 4-D map, and that
+    map (`find_layer`); a stage that only passes the map on (an identity after it) does not count."""
     names = {module: name for name, module in model.named_modules()}
-    last = names[find_layer(model, torch.rand(1, 3, image_size, image_size, device=next(model.parameters()).device))]
-    third = [name for name in names.values() if name.endswith("layer3")]
-    return [*third[-1:], last] if third and third[-1] != last else [last]
+    x = torch.rand(1, 3, image_size, image_size, device=next(model.parameters()).device)
+    last = find_layer(model, x)
+    stages = [m for m, name in names.items() if re.search(r"(^|\.)layer\d+$", name)]
+    outputs: dict[torch.nn.Module, torch.Tensor] = {}
+
+    def keep(module: torch.nn.Module, inputs, output) -> None:
+        outputs.setdefault(module, output)
+
+    hooks = [m.register_forward_hook(keep) for m in [*stages, last]]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    final = outputs[last]
+    earlier = [m for m in stages if m in outputs and outputs[m].data_ptr() != final.data_ptr()]
+    return [names[m] for m in earlier[-1:]] + [names[last]]
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -169,7 +186,7 @@ pairs), the **other variants** the 16 others (160 pairs).
 derivative along the CAV is positive; the null distribution = every random set against every other
 ({args.random_sets * (args.random_sets - 1)} runs); two-sided t-test, significant at p <= 0.05, no
 Bonferroni correction. "Significant above/below": the share of pairs with p <= 0.05 and a mean score
-above/below the random mean. Layers: the trunk's `layer3` and the last 4-D map of each model.
+above/below the random mean. Layers: the last 4-D map of each model (`explain.posthoc.find_layer`) and the trunk stage before it.
 
 {head}
 {chr(10).join(summary)}
