@@ -14,6 +14,10 @@ the library's own call on the same batch: LRP (EpsilonPlusFlat) against Zennit's
 ``ResNetCanonizer``, Guided Grad-CAM and Deconvnet against captum, FullGrad against one plain
 gradient pass (it has no library), on torchvision's ResNet-18 (random weights), where Zennit's
 canonizer fits.
+
+A third table times the optimisation and region methods of ``explain.posthoc.attribute`` (XRAI,
+extremal perturbations, meaningful perturbation; captum has none of them) batched against a per-image
+loop of the same calls, at 64 px with fewer steps/iterations than their defaults (given in the table).
 """
 from __future__ import annotations
 
@@ -166,6 +170,7 @@ def main() -> None:
     p.add_argument("--attr-batch", type=int, default=None, help="attribution table: batch (default 64; --quick: 2)")
     p.add_argument("--attr-size", type=int, default=None, help="attribution table: image size (default --size)")
     p.add_argument("--attr-only", action="store_true", help="only the attribution table")
+    p.add_argument("--explain-only", action="store_true", help="only the table of the explanation methods")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     a.size = a.size or (64 if a.quick else 224)
@@ -174,7 +179,7 @@ def main() -> None:
     steps = math.ceil(a.size * a.size / common["step"]) + 1
     ctx = mp.get_context("spawn")
     rows = []
-    for metric in () if a.attr_only else ("deletion",) if a.quick else ("deletion", "insertion"):
+    for metric in () if a.attr_only or a.explain_only else ("deletion",) if a.quick else ("deletion", "insertion"):
         results = {}
         for variant in ("loop", "batched"):
             if a.quick:  # a smoke run: in this process (peak memory is then not per variant)
@@ -192,8 +197,45 @@ def main() -> None:
     print(f"{'metric':<10} {'variant':<8} {'time [s]':>9} {'img-steps/s':>12} {'peak [MB]':>10} {'speed-up':>9} {'max |dAUC|':>11}")
     for metric, variant, sec, thr, mem, ratio, diff in rows:
         print(f"{metric:<10} {variant:<8} {sec:>9.2f} {thr:>12.1f} {mem:>10.0f} {ratio:>8.2f}x {diff:>11.2e}")
-    attribution_table(a.attr_batch or (2 if a.quick else 64), a.attr_size or a.size, a.threads, a.device,
-                      repeats=1 if a.quick else 3)
+    if not a.explain_only:
+        attribution_table(a.attr_batch or (2 if a.quick else 64), a.attr_size or a.size, a.threads, a.device,
+                          repeats=1 if a.quick else 3)
+    if not a.attr_only:
+        explanation_table(a)
+
+
+EXPLAIN_OPTIONS = {"xrai": {"steps": 20}, "extremal": {"max_iter": 20}, "meaningful": {"iterations": 20}}
+
+
+def explanation_table(a: argparse.Namespace) -> None:
+    """Images per second of XRAI, extremal and meaningful perturbation: one batch vs a per-image loop."""
+    from explain.posthoc import attribute
+
+    from benchmarks.common import timed
+
+    torch.manual_seed(0)
+    device = torch.device(a.device)
+    size, n = (32, 2) if a.quick else (64, a.images or 64)
+    model = timm_resnet18(device)
+    images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    target = torch.arange(n, device=device) % 10
+    print(f"\nExplanation methods: ResNet-18 (random weights, 10 classes), {size} px, batch {n}, device {a.device}")
+    print(f"{'method':<11} {'options':<16} {'variant':<8} {'time [s]':>9} {'images/s':>9} {'speed-up':>9} {'max |diff|':>11}")
+    for method, options in EXPLAIN_OPTIONS.items():
+        options = {k: max(2, v // 5) for k, v in options.items()} if a.quick else options
+        wall_b, _, _, batched = timed(lambda: attribute(model, images, target, method=method, **options), device)
+        wall_l, _, _, loop = timed(lambda: torch.cat([attribute(model, images[i:i + 1], target[i:i + 1], method=method,
+                                                                **options) for i in range(n)]), device)
+        diff = float((batched - loop).abs().max())
+        text = ",".join(f"{k}={v}" for k, v in options.items())
+        for variant, wall in (("loop", wall_l), ("batched", wall_b)):
+            print(f"{method:<11} {text:<16} {variant:<8} {wall:>9.2f} {n / wall:>9.2f} {wall_l / wall:>8.2f}x {diff:>11.2e}")
+
+
+def timm_resnet18(device: torch.device) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False, num_classes=10).to(device).eval()
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def _method_kwargs(method: str, quick: bool) -> dict:
     if not quick:
         return {}
     return {"rise": {"n_masks": 500}, "lime": {"n_samples": 64}, "kernel_shap": {"n_samples": 64},
-            "integrated_gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 8}}.get(method, {})
+            "integrated_gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 8},
+            "xrai": {"steps": 20}, "extremal": {"max_iter": 100}, "meaningful": {"iterations": 100}}.get(method, {})
 
 
 def evaluate(

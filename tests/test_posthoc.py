@@ -321,7 +321,7 @@ def test_inside_lightning_test_and_predict(model, images, inference_mode, stage)
         torch.testing.assert_close(maps, expected)
 
 
-FAST = {"rise": {"n_masks": 16}, "lime": {"n_samples": 16, "cells": 4}, "kernel_shap": {"n_samples": 16, "cells": 4},
+FAST = {"rise": {"n_masks": 16}, "xrai": {"steps": 4}, "extremal": {"max_iter": 4}, "meaningful": {"iterations": 4}, "lime": {"n_samples": 16, "cells": 4}, "kernel_shap": {"n_samples": 16, "cells": 4},
         "smoothgrad": {"n_samples": 3}, "integrated_gradients": {"n_steps": 4}, "occlusion": {"window": 16}}
 
 

@@ -77,7 +77,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--data-arg", nargs="*", default=[], help="SyntheticParts overrides, key=value (YAML values)")
     p.add_argument("--target", choices=["label", "prediction"], default="label", help="the class that is explained")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--quick", action="store_true", help="fewer samples for RISE, LIME, SHAP, IG, SmoothGrad")
+    p.add_argument("--quick", action="store_true", help="fewer samples for RISE, LIME, SHAP, IG, SmoothGrad, XRAI, extremal, meaningful")
     p.add_argument("--figure-images", type=int, default=6)
     p.add_argument("--localisation", nargs="*", default=[], choices=list(LOCALISATIONS),
                    help="prototype ground-truth rows per localisation method (train.prototype_evidence)")
