@@ -17,7 +17,7 @@ def test_manifest_lists_declared_entries_with_small_files():
         assert name in models.list_pretrained(), f"{name} is in the manifest but not declared next to its model"
         assert record["size_bytes"] < 15e6
         assert {"command", "seed", "sha256", "metrics", "config"} <= set(record)
-    assert sum(r["size_bytes"] for r in RELEASED.values()) < 60e6
+    assert sum(r["size_bytes"] for r in RELEASED.values()) < 80e6  # nine releases; each under 15 MB
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
