@@ -114,6 +114,8 @@ class SmoothMask:
         self.weight = torch.exp(-2 * (dist / self.sigma - 0.5).clamp(min=0) ** 2).flatten(0, 1)[None].to(device)
 
     def generate(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """(mask cropped to the image, mask with its margin) of mask parameters: a smooth maximum of the
+        kernel-weighted parameters near each pixel (TorchRay's smooth mask)."""
         size = 2 * self.radius + 1
         near = F.unfold(params, size, padding=self.padding).view(len(params), size * size, *self.cells)
         near = near.repeat_interleave(self.step, 2).repeat_interleave(self.step, 3)[:, :, : self.full[0], : self.full[1]]

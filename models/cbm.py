@@ -124,6 +124,7 @@ class ConceptBottleneck(InterpretableClassifier):
 
     @property
     def num_groups(self) -> int:
+        """Number of concept groups (interventions replace a whole group)."""
         return int(self.concept_group.max()) + 1
 
     # ----------------------------------------------------------------------------- the network

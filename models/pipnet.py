@@ -206,6 +206,7 @@ class PIPNet(PrototypeModel):
                 "full": base | {"classifier", "backbone"}}[phase]
 
     def set_phase(self, phase: str) -> None:
+        """Make exactly the parameter groups of `phase` trainable (the others frozen)."""
         trainable = self.trainable_groups(phase)
         for name, params in self.parameter_groups().items():
             for p in params:

@@ -73,6 +73,7 @@ def official_groups(name: str, trunk: Backbone) -> tuple[list[str], list[str], l
 
 
 def prefix_match(name: str, prefixes: list[str]) -> bool:
+    """Whether a parameter name is one of `prefixes` or lies under one of them."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 

@@ -140,6 +140,7 @@ class ProtoPool(PrototypeModel):
     # ------------------------------------------------------------------------------ assignment
     @property
     def slots_per_class(self) -> int:
+        """Number of prototype slots of each class."""
         return self.slot_logits.shape[2]
 
     def slot_map(self) -> Tensor:
@@ -175,6 +176,7 @@ class ProtoPool(PrototypeModel):
             yield lambda images: self.latent(images).float()
 
     def logits_from_pooled(self, min_distances: Tensor, avg_distances: Tensor, assignment: Tensor) -> Tensor:
+        """Logits from pooled distances: focal similarity per slot, then the last layer (or the slot sum without one)."""
         g = focal_similarity(min_distances, avg_distances, assignment)  # (B, C, S)
         return self.last_layer(g.flatten(1)) if self.hparams.use_last_layer else g.sum(dim=-1)
 
@@ -190,6 +192,7 @@ class ProtoPool(PrototypeModel):
 
     # ---------------------------------------------------------------------------------- losses
     def l1(self) -> Tensor:
+        """L1 norm of the last-layer weights that connect slots to classes other than their own."""
         return (self.last_layer.weight * (1 - self.slot_class_identity.T)).abs().sum()
 
     def losses_from_parts(self, logits: Tensor, min_distances: Tensor, q: Tensor, labels: Tensor,
@@ -257,6 +260,7 @@ class ProtoPool(PrototypeModel):
         return super().run_action(action, loader, epoch)
 
     def phase_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The named parts that the training phases freeze and unfreeze."""
         return {"backbone": self.backbone, "add_on": self.add_on, "prototypes": self.prototype_vectors,
                 "slots": self.slot_logits, "last_layer": self.last_layer}
 

@@ -148,6 +148,7 @@ class ConceptItems(Dataset):
         return self._with_concepts(self.dataset[index])
 
     def view_item(self, index: int, view: int, views: int) -> dict[str, torch.Tensor]:
+        """Item `index` as augmentation view `view` of `views`, with its concept labels."""
         return self._with_concepts(self.dataset.view_item(index, view, views))
 
     def __getattr__(self, name: str) -> Any:  # paths, labels, boxes, ... of the wrapped split

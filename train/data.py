@@ -263,6 +263,7 @@ class SyntheticParts(ZooDataModule):
 
     @property
     def concept_groups(self) -> list[int]:
+        """Group (part slot) of each concept."""
         return concept_groups()
 
     def concept_positive_counts(self) -> tuple[np.ndarray, int]:

@@ -481,10 +481,18 @@ class CUB200(_FileDataModule):
                                            self.attributes, self.min_class_count)
         return self._concepts
 
-    concept_names = property(lambda self: list(self.concept_table()["names"]))
-    concept_groups = property(lambda self: list(self.concept_table()["groups"]))
+    @property
+    def concept_names(self) -> list[str]:
+        """Names of the kept attributes (concepts)."""
+        return list(self.concept_table()["names"])
+
+    @property
+    def concept_groups(self) -> list[int]:
+        """Group (CUB attribute group) of each concept."""
+        return list(self.concept_table()["groups"])
 
     def concept_positive_counts(self) -> tuple[np.ndarray, int]:
+        """(positives per concept, number of images) over the train split (concept loss weights)."""
         return self.concept_table()["positives"], self.concept_table()["count"]
 
     def _build_dataset(self, split: str) -> ImageRecordDataset:
