@@ -82,7 +82,9 @@ def _run(mode: str, *outs: Path, kill_step: int = -1, script: str = SCRIPT, fami
     return process.returncode, err[-3000:]
 
 
-@pytest.mark.parametrize("family", ["cam", "prototree", "pipnet", pytest.param("protopool", marks=pytest.mark.slow)])
+# PIP-Net and ProtoPool resume like the others but cost 20-60 s each on 2 CPU cores: in the slow tier.
+@pytest.mark.parametrize("family", ["cam", "prototree", pytest.param("pipnet", marks=pytest.mark.slow),
+                                    pytest.param("protopool", marks=pytest.mark.slow)])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, family):
     # 5 batches per epoch. Killed after 2 batches of epoch 1 (step 7), and at the epoch boundary
     # (step 5: `last` was saved after the last batch of epoch 0, before its validation; Lightning
