@@ -86,8 +86,10 @@ class BcosNet(InterpretableClassifier):
         agc_clip_factor: adaptive gradient clipping (unit-wise, eps 1e-3) as v2's CNN recipes; None = off.
         warmup_epochs: linear warm-up of the learning rate from `warmup_start_factor` x lr before the
             cosine schedule (scheduler ``"cosine"`` only).
+        mean, std: must stay the identity (0, 1): the model takes raw [0, 1] pixels, with no mean/std
+            normalisation; anything else is refused.
         **kwargs: optimisation arguments of `InterpretableClassifier` (default Adam, lr 1e-3, no weight
-            decay, as v2). There is no mean/std normalisation: the model takes raw [0, 1] pixels.
+            decay, as v2).
     """
 
     def __init__(
@@ -106,10 +108,14 @@ class BcosNet(InterpretableClassifier):
         warmup_start_factor: float = 0.01,
         optimizer: Literal["adam", "adamw", "sgd"] = "adam",
         lr: float = 1e-3,
+        mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        std: tuple[float, float, float] = (1.0, 1.0, 1.0),
         **kwargs: Any,
     ) -> None:
         # Identity normalisation (the layer stays as the first one for channels_last); a checkpoint records it.
-        mean, std = tuple(kwargs.pop("mean", (0.0, 0.0, 0.0))), tuple(kwargs.pop("std", (1.0, 1.0, 1.0)))
+        # Declared here, not taken from **kwargs, so that LightningCLI's signature resolution offers these
+        # identity defaults instead of the base class's ImageNet statistics.
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
         if mean != (0.0, 0.0, 0.0) or std != (1.0, 1.0, 1.0):
             raise ValueError("BcosNet takes raw [0, 1] pixels encoded as [x, 1 - x]: it has no mean/std normalisation")
         super().__init__(num_classes=num_classes, mean=mean, std=std, optimizer=optimizer, lr=lr, **kwargs)
