@@ -1,7 +1,8 @@
 """Sanity checks and fidelity of prototype localisations (Xu-Darme et al., CVPRW 2023), batched.
 
 - `prototype_randomisation`: the cascading weight randomisation of Adebayo et al. (2018) applied to a
-  prototype's map: the prototypes, then every parametrised layer of the latent function from the top
+  prototype's map: the prototypes (their vectors; for a model whose prototypes are channels, such as
+  PIP-Net, the layer that makes them, its ``prototype_layers()``), then every parametrised layer of the latent function from the top
   down, are re-initialised one step after the other, and after each step the maps of the
   randomised copy are compared with the original ones (Spearman rank correlation and SSIM). A map
   that stays similar does not show what the weights compute.
@@ -114,6 +115,11 @@ def randomisation_steps(model: nn.Module, images: Tensor, groups: int | None = N
 
 @torch.no_grad()
 def _randomise_prototypes(model: nn.Module, generator: torch.Generator) -> None:
+    layers = getattr(model, "prototype_layers", None)
+    if callable(layers):  # prototypes that are channels of a layer (PIP-Net): re-draw that layer
+        for layer in layers():
+            reinitialise(layer, generator)
+        return
     protos = model.prototype_tensor().detach()
     ids = torch.arange(len(protos), device=protos.device)
     noise = torch.randn(protos.shape, generator=generator).to(protos)

@@ -324,6 +324,12 @@ class PIPNet(PrototypeModel):
     def assign_prototypes(self, ids: Tensor, vectors: Tensor) -> None:
         raise ValueError("PIP-Net's prototypes are channels of the trunk: there are no prototype vectors to overwrite")
 
+    def prototype_layers(self) -> list[nn.Module]:
+        """The layer whose output channels are the prototypes: the add-on 1x1 conv, else the trunk's last conv
+        (re-drawing it is PIP-Net's "randomise the prototypes" step of the sanity checks)."""
+        convs = [m for m in self.add_on if isinstance(m, nn.Conv2d)] or [m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)][-1:]
+        return convs
+
     def distances(self, images: Tensor) -> Tensor:
         """(B, P, h, w) minus the prototype maps (the interface's distance: lower = more similar)."""
         return -self.latent(images)

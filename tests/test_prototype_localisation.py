@@ -307,6 +307,23 @@ def test_randomisation_changes_the_maps_of_a_trained_model_not_of_a_constant_one
     torch.testing.assert_close(out["spearman"], torch.ones(2, 1, 2))
 
 
+def test_pipnet_randomises_its_prototype_channels(images):
+    """PIP-Net has no prototype vectors: its "prototypes" step re-draws the add-on conv that makes them."""
+    torch.manual_seed(0)
+    with_add_on = create_model("pipnet_test_resnet", num_classes=3, num_features=16)
+    assert with_add_on.prototype_layers() == [with_add_on.add_on[0]] and with_add_on.num_prototypes == 16
+    model = create_model("pipnet_test_resnet", num_classes=3).eval()  # no add-on conv: the trunk's last conv
+    (conv,) = model.prototype_layers()
+    assert conv.out_channels == model.num_prototypes and conv is [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)][-1]
+    before = conv.weight.detach().clone()
+    S._randomise_prototypes(model, torch.Generator().manual_seed(0))
+    assert not torch.allclose(conv.weight, before)
+    model = create_model("pipnet_test_resnet", num_classes=3).eval()
+    out = S.prototype_randomisation(model, images[:2], torch.tensor([[0, 1], [2, 3]]), "upsampling", groups=1)
+    assert out["steps"][0] == "prototypes" and out["spearman"].shape == (2, 2, 2)
+    assert float(out["spearman"][..., 0].mean()) < 0.99  # the maps change once the prototype channels do
+
+
 def test_gallery_and_this_looks_like_that_take_the_method(pushed):
     import matplotlib.pyplot as plt
 
