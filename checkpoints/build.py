@@ -61,8 +61,9 @@ def build(name: str, work: Path, extra: list[str], run_dir: Path | None = None) 
     options = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--name", name,
                "--test_after_fit", "false", *extra]
     start = time.time()
+    configs = [a for c in entry.config_files for a in ("--config", str(c))]
     if run_dir is None:
-        cli = cli_main(["fit", "--config", str(entry.config_file), "--runs_root", str(work), *options])
+        cli = cli_main(["fit", *configs, "--runs_root", str(work), *options])
         run_dir = Path(cli.trainer.default_root_dir)
     train_seconds = time.time() - start
     ckpt = released_checkpoint(run_dir)
@@ -84,8 +85,10 @@ def build(name: str, work: Path, extra: list[str], run_dir: Path | None = None) 
         "overrides": builder_overrides(entry.builder, init_args),
         "released_from": ckpt.name,
         "metrics": {"test_acc": test_acc},
-        "command": "python train.py " + " ".join(shlex.quote(a) for a in ["fit", "--config", entry.config, *options]),
+        "command": "python train.py " + " ".join(shlex.quote(a) for a in
+                                                 ["fit", *(x for c in (entry.config, *entry.overlays) for x in ("--config", c)), *options]),
         "config": entry.config,
+        **({"overlays": list(entry.overlays)} if entry.overlays else {}),
         "seed": test.config["test"]["seed_everything"],
         "data": {"class_path": data_cfg["class_path"], "init_args": dict(data_cfg["init_args"])},
         "train_seconds": round(train_seconds, 1) if train_seconds > 1 else None,

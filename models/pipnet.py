@@ -587,3 +587,11 @@ register_pretrained(PretrainedEntry(
           "pretraining then the second phase, top-k search on the train split (records = each prototype's top "
           "patch), unused prototypes zeroed",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="pipnet_resnet18.synthparts128", class_path="models.pipnet.PIPNet",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/pipnet/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px (16 x 16 latent grid, the CUB-like operating point of the comparison)",
+))

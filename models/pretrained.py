@@ -85,6 +85,7 @@ class PretrainedEntry:
     config: str
     url: str | None = None
     notes: str = ""
+    overlays: tuple[str, ...] = ()  # configs applied over `config`, in order (``train.py fit --config A --config B``)
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -112,6 +113,11 @@ class PretrainedEntry:
     def config_file(self) -> Path:
         """The recipe's YAML file (package data of ``configs``)."""
         return config_file(self.config)
+
+    @property
+    def config_files(self) -> list[Path]:
+        """The recipe's YAML file and its overlays, in the order ``train.py fit --config ...`` takes them."""
+        return [config_file(c) for c in (self.config, *self.overlays)]
 
     @property
     def sha256(self) -> str | None:

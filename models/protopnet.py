@@ -577,3 +577,11 @@ register_pretrained(PretrainedEntry(
           "optimised, pruned (k = 6, threshold 3: 40 -> 32 prototypes), last layer optimised again; the file "
           "carries each prototype's patch, source index and boxes",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="protopnet_resnet18.synthparts128", class_path="models.protopnet.ProtoPNet",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/protopnet/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px (8 x 8 latent grid, the CUB-like operating point of the comparison)",
+))

@@ -629,3 +629,11 @@ register_pretrained(PretrainedEntry(
     dataset="SyntheticParts (10 classes, 64 px)", config="configs/prototree/synthetic.yaml",
     notes="depth-5 tree on timm's ResNet-10-T cut after layer3, pruned and projected; push set = train split",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="prototree_resnet10t.synthparts128", class_path="models.prototree.ProtoTree",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/prototree/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px (8 x 8 latent grid, the CUB-like operating point of the comparison)",
+))

@@ -17,7 +17,19 @@ def test_manifest_lists_declared_entries_with_small_files():
         assert name in models.list_pretrained(), f"{name} is in the manifest but not declared next to its model"
         assert record["size_bytes"] < 15e6
         assert {"command", "seed", "sha256", "metrics", "config"} <= set(record)
-    assert sum(r["size_bytes"] for r in RELEASED.values()) < 80e6  # nine releases; each under 15 MB
+    assert sum(r["size_bytes"] for r in RELEASED.values()) < 90e6  # twelve releases (three at 128 px); each under 15 MB
+
+
+def test_releases_record_the_overlays_they_were_trained_with():
+    for name, record in RELEASED.items():
+        entry = models.pretrained_entry(name)
+        assert record.get("overlays", []) == list(entry.overlays), name
+        flags = record["command"].split()
+        configs = [flags[i + 1] for i, flag in enumerate(flags) if flag == "--config"]
+        assert configs == [entry.config, *entry.overlays], name
+        assert [p.name for p in entry.config_files] == [c.rpartition("/")[2] for c in configs]
+        if "configs/overlays/synthparts_128.yaml" in entry.overlays:
+            assert record["data"]["init_args"]["image_size"] == 128 and entry.tag == "synthparts128", name
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))

@@ -67,7 +67,7 @@ def gallery_section(name: str, out: Path, num_images: int = 4, dpi: int = 60) ->
         stale.unlink()
     accuracy = entry.metrics.get("test_acc")
     lines = [f"## `{name}`", "",
-             f"{type(model).__name__} trained on {entry.dataset} by `{entry.config}`"
+             f"{type(model).__name__} trained on {entry.dataset} by `{' + '.join((entry.config, *entry.overlays))}`"
              + (f", {100 * accuracy:.1f}% test accuracy." if accuracy is not None else "."), ""]
     try:
         figures = model_figures(model, images, labels, class_names, num_images)
