@@ -490,3 +490,12 @@ register_pretrained(PretrainedEntry(
           "warm / joint schedule with the Gumbel-softmax slot assignment, pushed onto the train split through the "
           "slot map, then the last layer fine-tuned; the file carries each prototype's patch, source index and boxes",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="protopool_resnet18.synthparts128", class_path="models.protopool.ProtoPool",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/protopool/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml", "configs/protopool/synthetic_128_schedule.yaml"),
+    notes="the synthparts recipe at 128 px (8 x 8 latent grid, the CUB-like operating point of the comparison) "
+          "with twice the schedule (16 epochs)",
+))
