@@ -260,3 +260,11 @@ register_pretrained(PretrainedEntry(
     dataset="SyntheticParts (10 classes, 64 px)", config="configs/bcos/synthetic.yaml",
     notes="B-cos ResNet-18 at a quarter width (0.7M parameters), B = 2, uncentered batch norm, BCE",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="bcos_resnet18_quarter.synthparts128", class_path="models.bcos.BcosNet",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/bcos/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px, the CUB-like operating point of the comparison",
+))

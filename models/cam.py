@@ -141,3 +141,11 @@ register_pretrained(PretrainedEntry(
     name="cam_resnet18.synthparts", class_path="models.cam.CAMNet", dataset="SyntheticParts (10 classes, 64 px)",
     config="configs/cam/synthetic.yaml", notes="ResNet-18 cut after layer3, GAP, linear",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="cam_resnet18.synthparts128", class_path="models.cam.CAMNet",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/cam/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px, the CUB-like operating point of the comparison",
+))

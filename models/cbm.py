@@ -379,3 +379,11 @@ register_pretrained(PretrainedEntry(
     config="configs/cbm/synthetic.yaml",
     notes="joint CBM, ResNet-18 cut after layer2, 20 concepts (the variant of each of the 4 part slots)",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="cbm_resnet18.synthparts128", class_path="models.cbm.ConceptBottleneck",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/cbm/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px, the CUB-like operating point of the comparison",
+))

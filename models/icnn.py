@@ -607,3 +607,11 @@ register_pretrained(PretrainedEntry(
     dataset="SyntheticParts (10 classes, 64 px)", config="configs/icnn/synthetic.yaml",
     notes="ResNet-18 cut after layer2 (masked), one interpretable 3x3 conv (masked, filter loss), GAP + linear",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="icnn_resnet18.synthparts128", class_path="models.icnn.InterpretableCNN",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/icnn/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px, the CUB-like operating point of the comparison",
+))

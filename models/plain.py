@@ -71,3 +71,11 @@ register_pretrained(PretrainedEntry(
     notes="ResNet-18 at half width (2.8M parameters, so the file stays under 15 MB): the non-interpretable "
           "baseline that post-hoc methods explain",
 ))
+
+
+register_pretrained(PretrainedEntry(
+    name="plain_resnet18_half.synthparts128", class_path="models.plain.PlainClassifier",
+    dataset="SyntheticParts (10 classes, 128 px)", config="configs/plain/synthetic.yaml",
+    overlays=("configs/overlays/synthparts_128.yaml",),
+    notes="the synthparts recipe at 128 px, the CUB-like operating point of the comparison",
+))

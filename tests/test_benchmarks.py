@@ -18,6 +18,7 @@ HEADERS = {
     "metrics.py": "img-steps/s",
     "prototree.py": "ms/step",
     "push.py": "push/pass",
+    "road.py": "| size | variant | s per image and fraction |",
     "synthetic_speed.py": "| size | case |",
     "train_step.py": "| family | step (ms) | images/s |",
 }

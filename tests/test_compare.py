@@ -161,3 +161,39 @@ def test_data_file_and_plain_model_skip_intrinsic(tmp_path, synthetic):
         main(["--checkpoint", str(path), "--metric-arg", "deletion=3", "--data-file", str(data_file)])
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate({"plain": plain}, synthetic, ["gradcam"], ["nope"])
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_resolution_presets_name_releases_of_that_resolution(resolution):
+    from models import list_pretrained
+    from train.apps import synthetic_recipe
+    from train.compare import _parse_args
+
+    args = _parse_args(["--resolution", str(resolution)])
+    names = dict(spec.split("=", 1) for spec in args.checkpoint)
+    assert set(names.values()) <= set(list_pretrained())
+    assert all(synthetic_recipe(source)["image_size"] == resolution for source in names.values())
+    assert len({load_pretrained(s).__class__ for s in names.values()}) == len(names)  # one network per family
+    assert len(names) == (9 if resolution == 128 else 8)  # the 64 px CBM release is at 48 px: a run of its own
+    assert args.localisation == ["upsampling", "smoothgrad", "randgrads", "prp"] and args.sanity
+    assert f"deletion.step={(resolution // 64) ** 2 * 128}" in args.metric_arg  # 33 steps per curve at both
+
+
+def test_config_file_gives_defaults_that_flags_override(tmp_path):
+    from train.compare import _parse_args
+
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"checkpoint": "cam=a.pt", "methods": ["gradcam"], "num-images": 2,
+                                      "metric_arg": {"deletion.step": 7}, "model_methods": {"cam": ["rise", "lime"]}}))
+    args = _parse_args(["--config", str(config), "--num-images", "3"])
+    assert args.checkpoint == ["cam=a.pt"] and args.methods == ["gradcam"] and args.num_images == 3
+    assert args.metric_arg == ["deletion.step=7"] and args.model_methods == ["cam=rise,lime"]
+    config.write_text(yaml.safe_dump({"checkpoint": ["a.pt"], "nope": 1}))
+    with pytest.raises(ValueError, match="unknown option 'nope'"):
+        _parse_args(["--config", str(config)])
+    with pytest.raises(ValueError, match="--resolution 99: no preset"):
+        _parse_args(["--resolution", "99"])
+    with pytest.raises(ValueError, match="not both"):
+        _parse_args(["--resolution", "64", "--config", str(config)])
+    with pytest.raises(ValueError, match="give --checkpoint"):
+        _parse_args([])

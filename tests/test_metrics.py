@@ -185,13 +185,29 @@ def test_road_imputation_equals_sparse_solve(fraction):
     x = torch.rand(2, 3, 24, 20, generator=gen, dtype=torch.float64)
     removed = torch.rand(2, 24, 20, generator=gen) < fraction
     removed[1, :12] = True  # a large hole touching the border
-    ours = M.road_impute(x, removed, tol=1e-10, max_iter=2000)
-    ours32 = M.road_impute(x.float(), removed)
+    cg = M.road_impute(x, removed, tol=1e-10, max_iter=2000, solver="cg")
+    cg32 = M.road_impute(x.float(), removed, solver="cg")
+    direct = M.road_impute(x, removed)  # "auto" on the CPU
+    direct32 = M.road_impute(x.float(), removed, solver="direct")
     for b in range(2):
         ref = _spsolve_imputation(x[b].numpy(), removed[b].numpy())
-        np.testing.assert_allclose(ours[b].numpy(), ref, atol=1e-8)
-        np.testing.assert_allclose(ours32[b].numpy(), ref, atol=1e-4)
-    assert torch.equal(ours[~removed[:, None].expand_as(x)], x[~removed[:, None].expand_as(x)])
+        np.testing.assert_allclose(cg[b].numpy(), ref, atol=1e-8)
+        np.testing.assert_allclose(direct[b].numpy(), ref, atol=1e-12)
+        np.testing.assert_allclose(cg32[b].numpy(), ref, atol=1e-4)
+        np.testing.assert_allclose(direct32[b].numpy(), ref, atol=1e-6)
+    kept = ~removed[:, None].expand_as(x)
+    assert torch.equal(cg[kept], x[kept]) and torch.equal(direct[kept], x[kept])
+
+
+def test_road_solvers_draw_the_same_noise():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 3, 16, 16, generator=gen)
+    removed = torch.rand(2, 16, 16, generator=gen) < 0.5
+    a, b = (M.road_impute(x, removed, noise=0.05, generator=torch.Generator().manual_seed(0), solver=s, tol=1e-9,
+                          max_iter=500) for s in ("direct", "cg"))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="solver must be"):
+        M.road_impute(x, removed, solver="lu")
 
 
 def test_road_noise_only_touches_imputed_pixels():

@@ -229,6 +229,7 @@ def test_report_evidence_and_compare_rows(pushed, tmp_path):
     import yaml
 
     from train import compare
+    from train import sanity as train_sanity
     from train.report import _prototype_evidence
 
     model, data, recipe = pushed
@@ -246,8 +247,21 @@ def test_report_evidence_and_compare_rows(pushed, tmp_path):
                                                               "init_args": {**recipe, "train_size": 12}}}))
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                 "zoo_class_path": f"{type(model).__module__}.{type(model).__name__}"}, run / "checkpoints" / "last.ckpt")
-    summary = compare.main(["--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--methods", "--localisation",
-                            "upsampling", "--num-images", "6", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    ckpt = str(run / "checkpoints" / "last.ckpt")
+    sanity = ["num_images=3", "random_images=2", "sources=2"]
+    summary = compare.main(["--checkpoint", ckpt, "--methods", "--localisation", "upsampling", "--num-images", "6",
+                            "--out", str(tmp_path / "out"), "--device", "cpu", "--sanity", *sanity])
+    # the sanity table of the comparison is train.sanity's on the same checkpoint (the timing column aside)
+    train_sanity.main(["--checkpoint", ckpt, "--methods", "upsampling", "--device", "cpu",
+                       "--out", str(tmp_path / "sanity.md"), *(f"--{o.split('=')[0].replace('_', '-')}={o.split('=')[1]}" for o in sanity)])
+
+    def rows(text: str) -> list[list[str]]:
+        return [line.split("|")[1:3] + line.split("|")[4:] for line in text.splitlines() if "| upsampling |" in line]
+
+    assert rows((tmp_path / "out" / "sanity.md").read_text()) == rows((tmp_path / "sanity.md").read_text()) != []
+    with pytest.raises(ValueError, match="unknown key 'images'"):
+        compare.main(["--checkpoint", ckpt, "--methods", "--localisation", "upsampling", "--num-images", "2",
+                      "--out", str(tmp_path / "out3"), "--device", "cpu", "--sanity", "images=2"])
     cells = {s["metric"]: s["mean"] for s in summary if s["method"] == "prototypes/upsampling"}
     assert cells["class_part"] == pytest.approx(float(parts.class_part.float().mean()))
     assert cells["background"] == pytest.approx(float((parts.region == len(parts.names) - 1).float().mean()))

@@ -17,7 +17,7 @@ def test_manifest_lists_declared_entries_with_small_files():
         assert name in models.list_pretrained(), f"{name} is in the manifest but not declared next to its model"
         assert record["size_bytes"] < 15e6
         assert {"command", "seed", "sha256", "metrics", "config"} <= set(record)
-    assert sum(r["size_bytes"] for r in RELEASED.values()) < 100e6  # thirteen releases (four at 128 px); each under 15 MB
+    assert sum(r["size_bytes"] for r in RELEASED.values()) < 130e6  # eighteen releases (nine at 128 px); each under 15 MB
 
 
 def test_releases_record_the_overlays_they_were_trained_with():

@@ -13,7 +13,15 @@ recipe (its release's manifest entry or its run's ``config.yaml``) and ``--data-
 ``--localisation upsampling smoothgrad randgrads prp`` adds, for every prototype model on SyntheticParts,
 the rows ``prototypes/<method>`` of `train.prototype_evidence` (the share of prototypes on class parts,
 other parts, body, distractors and background; pointing per prototype; consistency and stability);
-``--methods`` may then be empty.
+``--methods`` may then be empty. ``--sanity [key=value ...]`` adds ``sanity.md``: `train.sanity`'s checks
+of every prototype model for the ``--localisation`` methods (keys: num_images, top_k, random_images,
+groups, sources).
+
+``--config FILE`` reads the options from a YAML mapping (the long option names; flags on the command
+line override it); ``--resolution 64`` or ``128`` is ``--config configs/compare/synthparts_<R>.yaml``,
+the whole comparison of `docs/comparison.md` at that resolution:
+
+    python -m train.compare --resolution 128
 """
 from __future__ import annotations
 
@@ -62,9 +70,37 @@ def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
     return [tuple(item.split("=", 1)) for item in items]  # type: ignore[misc]
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "configs" / "compare"
+_PAIR_OPTIONS = ("model_methods", "method_arg", "metric_arg", "data_arg", "sanity")  # NAME=VALUE lists
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """The options of a YAML file, checked against the parser, in the shapes its flags produce."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "resolution")}
+    out = {}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions:
+            raise ValueError(f"--config {path}: unknown option {key!r} (options: {', '.join(sorted(actions))})")
+        if dest in _PAIR_OPTIONS and isinstance(value, dict):
+            value = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in value.items()]
+        elif actions[dest].nargs in ("+", "*") and not isinstance(value, list):
+            value = [value]
+        out[dest] = [str(v) for v in value] if dest in _PAIR_OPTIONS else value
+    return out
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", nargs="+", required=True,
+    p.add_argument("--config", type=Path, default=None, help="YAML mapping of these options (flags override it)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="the preset of docs/comparison.md: configs/compare/synthparts_<R>.yaml (64 or 128)")
+    p.add_argument("--checkpoint", nargs="+", default=None,
                    help="[NAME=]SOURCE: a released name (models.list_pretrained()), a zoo file or a Lightning checkpoint")
     p.add_argument("--methods", nargs="*", default=["intrinsic", "gradcam", "integrated_gradients", "lime", "rise"])
     p.add_argument("--model-methods", nargs="*", default=[], help="NAME=m1,m2: other methods for model NAME")
@@ -82,10 +118,27 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--localisation", nargs="*", default=[], choices=list(LOCALISATIONS),
                    help="prototype ground-truth rows per localisation method (train.prototype_evidence)")
     p.add_argument("--evidence-top-k", type=int, default=3, help="prototypes per test image of the pointing rows")
+    p.add_argument("--sanity", nargs="*", default=None,
+                   help="key=value of train.sanity's checks (num_images, top_k, random_images, groups, sources): write sanity.md")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/compare")
-    return p.parse_args(argv)
+    first = p.parse_args(argv)
+    if first.config is not None and first.resolution is not None:
+        raise ValueError("give --config or --resolution, not both")
+    if first.resolution is not None:
+        first.config = PRESETS / f"synthparts_{first.resolution}.yaml"
+        if not first.config.is_file():
+            known = sorted(f.stem.split("_")[-1] for f in PRESETS.glob("synthparts_*.yaml"))
+            raise ValueError(f"--resolution {first.resolution}: no preset (resolutions: {', '.join(known)})")
+    if first.config is None:
+        args = first
+    else:
+        p.set_defaults(**_config_defaults(p, first.config))
+        args = p.parse_args(argv)
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint [NAME=]SOURCE ... (or --config / --resolution)")
+    return args
 
 
 def _read_data_file(path: str, num_images: int) -> dict:
@@ -116,6 +169,24 @@ def _evidence(models: dict, specs: list, data: dict, args: argparse.Namespace) -
     return rows
 
 
+def _sanity(models: dict, specs: list, args: argparse.Namespace) -> str | None:
+    """`train.sanity`'s table of every prototype model, for the ``--localisation`` methods (None: no such model)."""
+    from .sanity import model_sanity_rows, to_markdown as sanity_markdown  # noqa: PLC0415
+
+    options = {k: yaml.safe_load(v) for k, v in _pairs(args.sanity, "--sanity")}
+    known = {"num_images", "top_k", "random_images", "groups", "sources"}
+    for key, value in options.items():
+        if key not in known:
+            raise ValueError(f"--sanity: unknown key {key!r} (keys: {', '.join(sorted(known))})")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--sanity {key}={value!r}: expected a positive integer")
+    rows = []
+    for name, source in specs:
+        if callable(getattr(models[name], "prototype_active", None)):
+            rows += model_sanity_rows(name, source, models[name], args.localisation or list(LOCALISATIONS), **options)
+    return sanity_markdown(rows) if rows else None
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Run the comparison and write ``results.csv`` (per image), ``summary.csv``, ``table.md`` and
     ``grid_<model>.png`` into ``--out``; returns the summary rows."""
@@ -142,6 +213,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     summary = summarise(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.sanity is not None:
+        table = _sanity(models, specs, args)
+        if table is None:
+            print("[compare] --sanity: no prototype model among the checkpoints, sanity.md not written", flush=True)
+        else:
+            (out / "sanity.md").write_text(table)
     _write_csv(out / "results.csv", rows)
     _write_csv(out / "summary.csv", summary)
     (out / "table.md").write_text(to_markdown(summary))

@@ -28,7 +28,7 @@ from .apps import _SYNTHETIC_ARGS, default_name, load_synthetic, synthetic_recip
 from .data import SyntheticParts
 from .errors import run_main
 
-__all__ = ["main", "sanity_rows", "to_markdown"]
+__all__ = ["main", "model_sanity_rows", "sanity_rows", "to_markdown"]
 
 COLUMNS = [
     ("images/s", "test images localised per second (top-k prototypes each)"),
@@ -89,6 +89,20 @@ def sanity_rows(name: str, model, data: dict, methods: Sequence[str], top_k: int
     return rows
 
 
+def model_sanity_rows(name: str, source: str, model, methods: Sequence[str], *, num_images: int = 32, top_k: int = 3,
+                      random_images: int = 8, groups: int = 4, sources: int = 16) -> list[dict]:
+    """`sanity_rows` of one prototype model on SyntheticParts' test split of its recipe (`source` names the
+    checkpoint, whose release or run records the recipe), with up to `sources` pushed prototypes on their
+    source images of the train split."""
+    recipe = synthetic_recipe(source) or {"num_classes": model.num_classes}
+    if "image_size" not in recipe and int(model.prototype_image_size[0]) > 0:  # the size of the push images
+        recipe["image_size"] = int(model.prototype_image_size[0])
+    data = load_synthetic(recipe, num_images)
+    pushed = (model.prototype_active().cpu() & (model.prototype_source_index >= 0).cpu()).nonzero().squeeze(1)[:sources]
+    found = (pushed, *_source_data(recipe, model.prototype_source_index[pushed].cpu())) if len(pushed) else None
+    return sanity_rows(name, model, data, methods, top_k, groups, random_images, found)
+
+
 def to_markdown(rows: list[dict]) -> str:
     """The rows of `sanity_rows` as a Markdown table and the legend of its columns."""
     header = ["family", "method"] + [c for c, _ in COLUMNS]
@@ -130,13 +144,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             if args.checkpoint is not None:
                 raise ValueError(f"{source} is not a prototype model ({type(model).__name__})")
             continue
-        recipe = synthetic_recipe(source) or {"num_classes": model.num_classes}
-        if "image_size" not in recipe and int(model.prototype_image_size[0]) > 0:  # the size of the push images
-            recipe["image_size"] = int(model.prototype_image_size[0])
-        data = load_synthetic(recipe, args.num_images)
-        pushed = (model.prototype_active().cpu() & (model.prototype_source_index >= 0).cpu()).nonzero().squeeze(1)[: args.sources]
-        sources = (pushed, *_source_data(recipe, model.prototype_source_index[pushed].cpu())) if len(pushed) else None
-        rows += sanity_rows(name, model, data, args.methods, args.top_k, args.groups, args.random_images, sources)
+        rows += model_sanity_rows(name, source, model, args.methods, num_images=args.num_images, top_k=args.top_k,
+                                  random_images=args.random_images, groups=args.groups, sources=args.sources)
         used.append(f"`{source}` ({type(model).__name__})")
     if not rows:
         raise ValueError("no prototype model among the checkpoints")
