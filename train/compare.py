@@ -35,7 +35,7 @@ import yaml
 
 from explain.compare import DEFAULT_METRICS, METRICS, evaluate, summarise, to_markdown
 from explain.prototype_localisation import METHODS as LOCALISATIONS
-from models.pretrained import load_pretrained
+from models.pretrained import config_file, load_pretrained
 
 from .apps import default_name, load_synthetic, synthetic_recipe
 from .errors import run_main
@@ -70,7 +70,7 @@ def _pairs(items: Sequence[str], flag: str) -> list[tuple[str, str]]:
     return [tuple(item.split("=", 1)) for item in items]  # type: ignore[misc]
 
 
-PRESETS = Path(__file__).resolve().parents[1] / "configs" / "compare"
+PRESETS = config_file("configs/compare")  # the presets of docs/comparison.md, in the configs package
 _PAIR_OPTIONS = ("model_methods", "method_arg", "metric_arg", "data_arg", "sanity")  # NAME=VALUE lists
 
 
