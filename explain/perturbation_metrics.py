@@ -311,6 +311,8 @@ def road(
     are removed in row-major order (lower y * W + x first), in both orders. `noise` is the std of the
     Gaussian noise added to the imputed pixels in pixel units, as the reference, which imputes images
     in [0, 1] and normalises afterwards (so the model sees noise / std in its normalised space).
+    Pixel-scattered maps (integrated gradients) score poorly: an isolated removed pixel is
+    imputed from its kept neighbours, so removing it hides little (docs/comparison.md).
     """
     _check(images, heatmaps)
     if order not in _ROAD_FRACTIONS:
